@@ -1,0 +1,74 @@
+"""The `walt` command line.
+
+Commands are thin: each parses its arguments and makes one library call. Heavy imports (torch,
+lightning, decord) happen inside the commands, so `walt --help` stays instant.
+
+Every command module under `walt_cli/commands/` exposes either a Typer sub-app (`app`) or plain
+command functions; they are registered here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from walt_cli import __version__
+from walt_cli.commands import data as data_cmds
+from walt_cli.errors import WaltError
+
+
+class _WaltGroup(TyperGroup):
+    """Root group: turns a :class:`WaltError` raised anywhere below into one line and exit 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except WaltError as err:
+            from walt_cli.console import print_error
+
+            print_error(str(err))
+            ctx.exit(2)
+
+
+app = typer.Typer(
+    name="walt",
+    cls=_WaltGroup,
+    help="W.A.L.T video generation: tokenizer, latent transformer, cascade, FVD.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"walt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """W.A.L.T video generation: tokenizer, latent transformer, cascade, FVD.
+
+    Example: walt data preview recipes/shapes.yaml --out preview.gif
+    """
+
+
+app.add_typer(data_cmds.app, name="data")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: video decoding and encoding, datasets, latent shards."""

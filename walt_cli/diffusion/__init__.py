@@ -1,0 +1,1 @@
+"""Diffusion maths: schedules, losses, samplers. Pure functions that take the network as an argument."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics: Fréchet maths, the I3D and Inception detectors, FVD and FID."""

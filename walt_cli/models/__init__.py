@@ -1,0 +1,1 @@
+"""Networks (nn.Modules only). Nothing here imports `walt_cli.diffusion`."""
