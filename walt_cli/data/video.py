@@ -201,23 +201,40 @@ def clip_span(num_frames: int, step: float) -> int:
 
 def resize_crop(
     video: torch.Tensor,
-    size: int | None,
+    size: int | str | None,
     crop: tuple[int, int] | None,
     *,
     random_crop: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Short-side resize to `size` (antialiased bilinear), then a centre or random crop.
+    """Resize (antialiased bilinear), then take a centre or random crop of (H, W).
 
-    video: (C, T, H, W) float. Either step may be None (skipped).
+    video: (C, T, H, W) float. `size` is the short side after resizing, or "cover" for the
+    smallest size whose frame covers the crop (aspect ratio kept), or None for no resize.
     """
     c, t, h, w = video.shape
-    if size is not None and min(h, w) != size:
+    if size == "cover":
+        if crop is None:
+            raise ValueError("size='cover' needs a crop")
+        scale = max(crop[0] / h, crop[1] / w)
+        nh, nw = max(crop[0], round(h * scale)), max(crop[1], round(w * scale))
+    elif size is not None:
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        video = F.interpolate(
-            video.transpose(0, 1), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True
-        ).transpose(0, 1).clamp_(-1.0, 1.0)  # antialiased bilinear overshoots slightly
+    else:
+        nh, nw = h, w
+    if (nh, nw) != (h, w):
+        video = (
+            F.interpolate(
+                video.transpose(0, 1),
+                size=(nh, nw),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+            .transpose(0, 1)
+            .clamp_(-1.0, 1.0)
+        )  # antialiased bilinear overshoots slightly
         h, w = nh, nw
     if crop is not None:
         ch, cw = crop
@@ -260,7 +277,7 @@ def load_clip(
     stride: int = 1,
     fps: float | None = None,
     start: int | str = "random",
-    size: int | None = None,
+    size: int | str | None = None,
     crop: tuple[int, int] | None = None,
     random_crop: bool = False,
     short: str = "error",
@@ -273,7 +290,8 @@ def load_clip(
         stride: take every `stride`-th source frame; ignored where `fps` is given.
         fps: resample to this frame rate (by picking frames, no blending).
         start: first source frame, "random" or "center" (the clip's place in the video).
-        size / crop / random_crop: short-side resize, then a centre (or random) crop (H, W).
+        size / crop / random_crop: resize (short side, or "cover" the crop), then a centre (or
+            random) crop (H, W); see `resize_crop`.
         short: what to do with videos shorter than the clip: "error", "loop" or "pad".
     """
     path = Path(path)
@@ -281,7 +299,9 @@ def load_clip(
         frames, src_fps = read_frames(path)
         if num_frames not in (None, 1):
             frames = frames[[0] * num_frames]
-        video = resize_crop(frames_to_tensor(frames), size, crop, random_crop=random_crop, generator=generator)
+        video = resize_crop(
+            frames_to_tensor(frames), size, crop, random_crop=random_crop, generator=generator
+        )
         return Clip(video, 0, 1.0, 0.0, 1)
 
     info = probe(path)
@@ -302,12 +322,16 @@ def load_clip(
         else:
             first = int(start)
             if first < 0 or (first >= info.num_frames):
-                raise WaltError(f"{path}: start frame {first} is outside its {info.num_frames} frames")
+                raise WaltError(
+                    f"{path}: start frame {first} is outside its {info.num_frames} frames"
+                )
         indices = clip_indices(
             info.num_frames, num_frames, step=step, start=first, short=short, source=str(path)
         )
     frames, _ = read_frames(path, indices)
-    video = resize_crop(frames_to_tensor(frames), size, crop, random_crop=random_crop, generator=generator)
+    video = resize_crop(
+        frames_to_tensor(frames), size, crop, random_crop=random_crop, generator=generator
+    )
     return Clip(video, first, step, src_fps / step, info.num_frames)
 
 
@@ -360,14 +384,24 @@ def write_video(
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".mp4":
         frames = _pad_even(frames)
-        kwargs = dict(codec="libx264", pix_fmt_out="yuv420p", quality=quality, output_params=["-movflags", "+faststart"])
+        kwargs = dict(
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=quality,
+            output_params=["-movflags", "+faststart"],
+        )
     else:
         # One palette for the whole clip, built from its own colours: far less banding than the
         # fixed web palette ffmpeg uses by default.
         kwargs = dict(
             codec="gif",
             pix_fmt_out="pal8",
-            output_params=["-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none", "-loop", "0"],
+            output_params=[
+                "-filter_complex",
+                "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none",
+                "-loop",
+                "0",
+            ],
         )
     t, h, w, _ = frames.shape
     writer = imageio_ffmpeg.write_frames(
@@ -390,8 +424,13 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     codec = "png" if path.suffix.lower() == ".png" else "mjpeg"
     pix = "rgb24" if codec == "png" else "yuvj444p"
     writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), codec=codec, pix_fmt_out=pix, macro_block_size=1,
-        ffmpeg_log_level="error", output_params=["-frames:v", "1", "-update", "1"],
+        str(path),
+        (w, h),
+        codec=codec,
+        pix_fmt_out=pix,
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+        output_params=["-frames:v", "1", "-update", "1"],
     )
     writer.send(None)
     writer.send(np.ascontiguousarray(image))

@@ -58,7 +58,7 @@ def load_weights(
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as err:  # safetensors raises SafetensorError / OSError on bad headers
         raise WaltError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     found = meta.get("walt.kind")
@@ -85,6 +85,8 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], p
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if shapes:
             k = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(shapes)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+            )
         raise WaltError(f"{path}: weights do not fit the model: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
