@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -23,7 +22,7 @@ from walt_cli.errors import WaltError
 class _WaltGroup(TyperGroup):
     """Root group: turns a :class:`WaltError` raised anywhere below into one line and exit 2."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except WaltError as err:
