@@ -1,0 +1,1 @@
+"""Training losses that are not diffusion maths: adversarial terms for the tokenizer."""
