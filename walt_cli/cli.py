@@ -16,6 +16,8 @@ from typer.core import TyperGroup
 
 from walt_cli import __version__
 from walt_cli.commands import data as data_cmds
+from walt_cli.commands import eval as eval_cmds
+from walt_cli.commands import tokenize as tokenize_cmds
 from walt_cli.errors import WaltError
 
 
@@ -62,6 +64,8 @@ def _root(
 
 
 app.add_typer(data_cmds.app, name="data")
+app.add_typer(tokenize_cmds.app, name="tokenize")
+app.command("eval-fvd")(eval_cmds.eval_fvd)
 
 
 def main() -> None:

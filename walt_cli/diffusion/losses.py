@@ -1,0 +1,112 @@
+"""The training loss [P §3-4, Eq. 2]: v-prediction MSE with self-conditioning, frame-prediction
+conditioning and condition dropout for classifier-free guidance.
+
+One step, for clean latents z0 (B, c, T, h, w):
+1. draw a step i ~ U{0..N-1} per sample, t = i / (N - 1), eps ~ N(0, I); z_t = q_sample(z0, eps);
+2. with probability `p_frame_pred` a sample conditions on its first 1 or 2 clean latent frames
+   (c_fp = [m * z0, m]); the loss skips those frames;
+3. condition dropout: with probability `p_cond_drop` a sample loses its class label (null class),
+   caption (mask all False) and frame condition (those named in `cond_drop`), which trains the
+   unconditional branch of classifier-free guidance;
+4. self-conditioning [P §4.3]: with probability `p_self_cond` a sample's estimate
+   x0~ = v_to_x0(z_t, f(z_t; 0)) from a first pass without gradient is fed back; the others get
+   zeros. The first pass is skipped when no sample is chosen;
+5. loss = mean over non-conditioning frames of (f(z_t; x0~, c, t) - v)^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from walt_cli.diffusion.inputs import build_model_input, frame_prediction_mask
+from walt_cli.diffusion.schedules import NoiseSchedule, q_sample, v_from_x0_eps, v_to_x0
+from walt_cli.models.transformer import Conditioning
+
+Network = Callable[[Tensor, Tensor, Conditioning], Tensor]
+
+
+@dataclass
+class LossOutput:
+    """The scalar loss and what went into it (for logging)."""
+
+    loss: Tensor  # () scalar
+    t: Tensor  # (B,) diffusion times
+    frame_mask: Tensor  # (B, T) conditioning frames
+    self_cond: Tensor  # (B,) samples that were self-conditioned
+    dropped: Tensor  # (B,) samples whose conditions were dropped
+
+
+def _bernoulli(p: float, batch: int, generator, device) -> Tensor:
+    return torch.rand(batch, generator=generator, device=device) < p
+
+
+def diffusion_loss(
+    net: Network,
+    z0: Tensor,
+    cond: Conditioning | None,
+    schedule: NoiseSchedule,
+    *,
+    p_self_cond: float = 0.9,
+    p_frame_pred: float = 0.0,
+    num_cond_frames: tuple[int, ...] = (1, 2),
+    p_cond_drop: float = 0.0,
+    cond_drop: Sequence[str] = ("labels", "text", "frames"),
+    lowres: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """v-prediction MSE of `net(x_in, t, cond)` on clean latents z0 (B, c, T, h, w).
+
+    `lowres` (B, c, T, h/f, w/f) is an SR stage's (already noise-augmented) low-res latent; the
+    caller sets `cond.noise_level` to its augmentation level (`inputs.noise_augment`).
+    `cond_drop` names the conditions that condition dropout removes (together, with probability
+    `p_cond_drop`); guidance at sampling should drop the same ones. `generator` makes every
+    random draw (t, noise, masks, dropout) reproducible.
+    """
+    cond = cond if cond is not None else Conditioning()
+    b, _, frames = z0.shape[:3]
+    device = z0.device
+
+    step = torch.randint(schedule.num_steps, (b,), generator=generator, device=device)
+    t = step.float() / (schedule.num_steps - 1)  # (B,)
+    alpha_bar = schedule.at(t)
+    eps = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
+    z_t = q_sample(z0, eps, alpha_bar)
+    target = v_from_x0_eps(z0, eps, alpha_bar)
+
+    mask = frame_prediction_mask(
+        b,
+        frames,
+        p_frame_pred,
+        num_cond_frames=num_cond_frames,
+        is_image=cond.is_image,
+        generator=generator,
+        device=device,
+    )
+    dropped = _bernoulli(p_cond_drop, b, generator, device)
+    if bool(dropped.any()):
+        cond = cond.dropped(dropped, labels="labels" in cond_drop, text="text" in cond_drop)
+        if "frames" in cond_drop:
+            mask = mask & ~dropped[:, None]
+
+    chosen = _bernoulli(p_self_cond, b, generator, device)
+    self_cond = torch.zeros_like(z0)
+    if bool(chosen.any()):
+        with torch.no_grad():
+            x_in = build_model_input(z_t, frame_latents=z0, frame_mask=mask, lowres=lowres)
+            x0_hat = v_to_x0(z_t, net(x_in, t, cond), alpha_bar)
+        self_cond = torch.where(chosen.view(-1, 1, 1, 1, 1), x0_hat.detach(), self_cond)
+
+    x_in = build_model_input(
+        z_t, self_cond=self_cond, frame_latents=z0, frame_mask=mask, lowres=lowres
+    )
+    v_hat = net(x_in, t, cond)
+
+    weight = (~mask).to(z0.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1): generated frames
+    per_element = (v_hat.float() - target.float()) ** 2 * weight
+    count = weight.sum() * z0.shape[1] * z0.shape[3] * z0.shape[4]
+    loss = per_element.sum() / count.clamp(min=1)
+    return LossOutput(loss=loss, t=t, frame_mask=mask, self_cond=chosen, dropped=dropped)
