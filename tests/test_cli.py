@@ -39,6 +39,7 @@ def test_help_lists_commands_with_examples(cli):
             f"`walt {' '.join(path)}` help has no example"
         )
 
+
 def test_version(cli):
     from walt_cli import __version__
 
