@@ -50,11 +50,6 @@ def test_overrides_and_interpolation(tmp_path: Path):
             [],
             "data.resolution: sides must be positive multiples of 8",
         ),
-        (
-            "data:\n  source: folder\n  path: /nonexistent/videos\n",
-            [],
-            "data.path: folder not found: /nonexistent/videos",
-        ),
         ("data:\n  source: manifest\n", [], "data.path: is required for data.source=manifest"),
         ("data:\n  short_clips: crash\n", [], "data.short_clips: must be one of skip, loop, pad"),
         ("{}\n", ["trainer.gpus=2"], "override 'trainer.gpus=2': unknown key 'trainer.gpus'"),
@@ -84,3 +79,14 @@ def test_resolved_recipe_is_saved_and_reloads(tmp_path: Path):
     assert out == tmp_path / "tiny" / "recipe.yaml"
     again = load_recipe(out)
     assert to_yaml(again) == to_yaml(recipe)
+
+
+def test_data_paths_are_checked_when_data_is_read(tmp_path: Path):
+    """A recipe naming a data set not yet downloaded validates; reading it names the key."""
+    from walt_cli.data.datasets import build_dataset
+
+    f = tmp_path / "r.yaml"
+    f.write_text("data:\n  source: folder\n  path: /nonexistent/videos\n")
+    recipe = load_recipe(f)
+    with pytest.raises(WaltError, match="data.path: folder not found: /nonexistent/videos"):
+        build_dataset(recipe.data)

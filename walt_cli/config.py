@@ -76,11 +76,46 @@ class TrainerConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """`walt tokenize train|encode`: the causal 3D autoencoder and its MAGVIT-v2 loss recipe."""
+
+    preset: str = "tiny"  # tiny | paper | paper-image
+    checkpoint: str | None = None  # use these weights (skip training); default: the run's own
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    recon_loss: str = "l2"  # l1 | l2
+    recon_weight: float = 5.0
+    perceptual: str = "none"  # none | i3d | lpips
+    perceptual_weight: float = 0.1
+    perceptual_path: str | None = None  # the I3D detector (default: searched) or LPIPS weights
+    disc_start: int = 2000  # adversarial terms start after this many steps
+    disc_channels: int = 128
+    disc_multipliers: list[int] = field(default_factory=lambda: [2, 4, 4, 4, 4])
+    disc_lr: float | None = None  # default: lr
+    gan_weight: float = 0.1
+    r1_weight: float = 10.0
+    r1_every: int = 4  # lazy regularisation: the r1 term every n discriminator steps, scaled by n
+    lecam_weight: float = 0.001
+    lecam_decay: float = 0.999
+    nan_patience: int = 10  # stop after this many non-finite losses in a row
+    val_every: int = 500  # steps between validations (PSNR of the EMA model) and previews
+    val_batches: int = 4
+    encode_batch_size: int = 8
+    shard_size: int = 256  # clips per latent shard
+
+
+@dataclass
 class Recipe:
     name: str = ""  # defaults to the recipe file's stem
     run_dir: str = "runs/${name}"
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +174,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except OmegaConfBaseException as err:
         raise _merge_error(str(path), err) from None
     recipe: Recipe = cfg  # type: ignore[assignment]  (structured config: typed attribute access)
-    validate(recipe, source=str(path), base_dir=path.parent)
+    validate(recipe, source=str(path))
     return recipe
 
 
@@ -148,8 +183,12 @@ def _check(ok: bool, source: str, key: str, message: str) -> None:
         raise WaltError(f"{source}: {key}: {message}")
 
 
-def validate(recipe: Recipe, *, source: str, base_dir: Path) -> None:
-    """Checks that types alone cannot express. Paths are resolved against the working directory."""
+def validate(recipe: Recipe, *, source: str) -> None:
+    """Checks that types alone cannot express.
+
+    Data paths are checked by the commands that read them (`check_data_paths`), so a shipped
+    recipe that names a data set the user has not downloaded yet still validates.
+    """
     d = recipe.data
     _check(
         d.source in DATA_SOURCES,
@@ -212,25 +251,88 @@ def validate(recipe: Recipe, *, source: str, base_dir: Path) -> None:
     _check(d.shapes.num_items >= 1, source, "data.shapes.num_items", "must be >= 1")
     if d.source != "shapes":
         _check(d.path is not None, source, "data.path", f"is required for data.source={d.source}")
-        want_dir = d.source == "folder"
-        p = Path(d.path)
-        _check(
-            p.is_dir() if want_dir else p.is_file(),
-            source,
-            "data.path",
-            f"{'folder' if want_dir else 'file'} not found: {d.path}",
-        )
-    if d.images is not None:
-        _check(Path(d.images).exists(), source, "data.images", f"not found: {d.images}")
-    if d.split_dir is not None:
-        _check(
-            Path(d.split_dir).is_dir(), source, "data.split_dir", f"folder not found: {d.split_dir}"
-        )
+    k = recipe.tokenizer
+    _check(
+        k.preset in ("tiny", "paper", "paper-image"),
+        source,
+        "tokenizer.preset",
+        f"must be tiny, paper or paper-image, got {k.preset!r}",
+    )
+    _check(
+        k.recon_loss in ("l1", "l2"),
+        source,
+        "tokenizer.recon_loss",
+        f"must be l1 or l2, got {k.recon_loss!r}",
+    )
+    _check(
+        k.perceptual in ("none", "i3d", "lpips"),
+        source,
+        "tokenizer.perceptual",
+        f"must be none, i3d or lpips, got {k.perceptual!r}",
+    )
+    _check(
+        k.perceptual != "lpips" or k.perceptual_path is not None,
+        source,
+        "tokenizer.perceptual_path",
+        "LPIPS weights must be given by path (no download happens)",
+    )
+    _check(
+        len(k.betas) == 2, source, "tokenizer.betas", f"must be [beta1, beta2], got {list(k.betas)}"
+    )
+    _check(
+        k.max_steps >= 1 and k.warmup_steps >= 0,
+        source,
+        "tokenizer.max_steps",
+        "must be >= 1 (warmup >= 0)",
+    )
+    _check(
+        0.0 <= k.ema_decay < 1.0,
+        source,
+        "tokenizer.ema_decay",
+        f"must be in [0, 1), got {k.ema_decay}",
+    )
+    _check(k.r1_every >= 1, source, "tokenizer.r1_every", "must be >= 1")
+    _check(k.nan_patience >= 1, source, "tokenizer.nan_patience", "must be >= 1")
+    _check(
+        k.val_every >= 1 and k.val_batches >= 1,
+        source,
+        "tokenizer.val_every",
+        "val_every and val_batches must be >= 1",
+    )
+    _check(
+        k.shard_size >= 1 and k.encode_batch_size >= 1,
+        source,
+        "tokenizer.shard_size",
+        "shard_size and encode_batch_size must be >= 1",
+    )
     t = recipe.trainer
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
     _check(t.log_every >= 1, source, "trainer.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, source, "trainer.checkpoint_every", "must be >= 1")
+
+
+def check_data_paths(data: DataConfig) -> None:
+    """One-line errors for data paths that do not exist (relative to the working directory)."""
+    where = "recipe"
+    if data.source != "shapes":
+        want_dir = data.source == "folder"
+        p = Path(data.path)
+        _check(
+            p.is_dir() if want_dir else p.is_file(),
+            where,
+            "data.path",
+            f"{'folder' if want_dir else 'file'} not found: {data.path}",
+        )
+    if data.images is not None:
+        _check(Path(data.images).exists(), where, "data.images", f"not found: {data.images}")
+    if data.split_dir is not None:
+        _check(
+            Path(data.split_dir).is_dir(),
+            where,
+            "data.split_dir",
+            f"folder not found: {data.split_dir}",
+        )
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -90,8 +90,12 @@ class ClipDataset(Dataset):
         *,
         class_names: Sequence[str] = (),
         name: str = "data",
+        drop_unreadable: bool = False,
     ):
         self.entries = list(entries)
+        # False: an unreadable file is replaced by the next readable one (training);
+        # True: its item is None, for callers that must not duplicate clips (`tokenize encode`).
+        self.drop_unreadable = drop_unreadable
         self.spec = spec
         self.class_names = list(class_names)
         self.name = name
@@ -127,8 +131,18 @@ class ClipDataset(Dataset):
             "fps": clip.fps,
         }
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
         n = len(self.entries)
+        if self.drop_unreadable:
+            entry = self.entries[index]
+            if str(entry.path) in self.skipped:
+                return None
+            try:
+                return self.load(entry)
+            except (VideoDecodeError, ClipTooShortError) as err:
+                self.skipped[str(entry.path)] = str(err)
+                log.warning("skipping %s", err)
+                return None
         for k in range(n):
             entry = self.entries[(index + k) % n]
             key = str(entry.path)
@@ -341,10 +355,19 @@ def collate(items: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_dataset(data, split: str = "train") -> Dataset:
-    """The data set a recipe's `data` section describes (see walt_cli.config.DataConfig)."""
+def build_dataset(
+    data, split: str = "train", *, augment: bool = True, drop_unreadable: bool = False
+) -> Dataset:
+    """The data set a recipe's `data` section describes (see walt_cli.config.DataConfig).
+
+    `augment=False` turns off random crops and starts even for the training split (what
+    `tokenize encode` needs: the same clip every time). `drop_unreadable=True` makes an
+    unreadable video's item None instead of the next readable clip (no duplicates).
+    """
+    from walt_cli.config import check_data_paths
     from walt_cli.data.shapes import ShapesDataset
 
+    check_data_paths(data)
     h, w = data.resolution
     if split not in SPLITS:
         raise WaltError(f"split must be one of {SPLITS}, got {split!r}")
@@ -376,7 +399,11 @@ def build_dataset(data, split: str = "train") -> Dataset:
                 data.path, split=split, val_fraction=data.val_fraction
             )
         videos = ClipDataset(
-            entries, _clip_spec(data, split), class_names=classes, name=f"{data.path} ({split})"
+            entries,
+            _clip_spec(data, split, augment),
+            class_names=classes,
+            name=f"{data.path} ({split})",
+            drop_unreadable=drop_unreadable,
         )
     if data.images is None or data.image_ratio == 0:
         return videos
@@ -385,7 +412,7 @@ def build_dataset(data, split: str = "train") -> Dataset:
         entries, classes = folder_entries(img_path, split=split, val_fraction=data.val_fraction)
     else:
         entries, classes = manifest_entries(img_path, split=split, val_fraction=data.val_fraction)
-    spec = _clip_spec(data, split)
+    spec = _clip_spec(data, split, augment)
     images = ClipDataset(
         [e for e in entries if is_image(e.path)],
         spec,
@@ -399,7 +426,7 @@ def build_dataset(data, split: str = "train") -> Dataset:
     return JointDataset(videos, packs, data.image_ratio)
 
 
-def _clip_spec(data, split: str) -> ClipSpec:
+def _clip_spec(data, split: str, augment: bool = True) -> ClipSpec:
     h, w = data.resolution
     return ClipSpec(
         num_frames=data.num_frames,
@@ -408,6 +435,6 @@ def _clip_spec(data, split: str) -> ClipSpec:
         resize=data.resize,
         frame_stride=data.frame_stride,
         fps=data.fps,
-        random=bool(data.random_crop and split == "train"),
+        random=bool(augment and data.random_crop and split == "train"),
         short=data.short_clips,
     )

@@ -1,0 +1,260 @@
+"""Pre-extracted latents: what `walt tokenize encode` writes and the diffusion stages read.
+
+Layout of `runs/<name>/latents/<split>/`:
+
+    shard-00000.safetensors   `latents` (N, c, 1 + t, h, w) float32, optional `text` (N, L, D) and
+                              `text_mask` (N, L); metadata: the rows' index entries, per-channel
+                              sums for the statistics, the tokenizer hash
+    index.jsonl               one line per clip: shard, row, label, caption, source, start, frames
+    stats.json                per-channel latent mean and std, keyed by the tokenizer's hash
+
+Shards are safetensors, so readers memory-map them (nothing is unpickled). A shard is written to
+a temporary name and renamed when complete, so an interrupted run leaves only whole shards, and
+a rerun skips every shard already written by the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from walt_cli.errors import WaltError
+
+SHARD_GLOB = "shard-*.safetensors"
+
+
+def shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}.safetensors"
+
+
+def file_hash(path: str | os.PathLike, length: int = 16) -> str:
+    """Short sha256 of a file (the tokenizer checkpoint): what latents and stats are keyed by."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    rows: list[dict]
+    tokenizer: str
+    channel_sum: list[float]
+    channel_sumsq: list[float]
+    channel_count: int  # values per channel in the shard
+
+
+def write_shard(
+    path: Path,
+    latents: torch.Tensor,
+    rows: list[dict],
+    *,
+    tokenizer: str,
+    text: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+) -> None:
+    """Write one shard atomically. latents: (N, c, t, h, w); rows: one index entry per clip."""
+    from safetensors.torch import save_file
+
+    if latents.shape[0] != len(rows):
+        raise ValueError(f"{len(rows)} rows for {latents.shape[0]} latents")
+    z = latents.detach().float().cpu().contiguous()
+    per_channel = z.transpose(0, 1).reshape(z.shape[1], -1).double()  # (c, N*t*h*w)
+    meta = {
+        "walt.rows": json.dumps(rows),
+        "walt.tokenizer": tokenizer,
+        "walt.channel_sum": json.dumps(per_channel.sum(1).tolist()),
+        "walt.channel_sumsq": json.dumps(per_channel.pow(2).sum(1).tolist()),
+        "walt.channel_count": str(per_channel.shape[1]),
+    }
+    tensors = {"latents": z}
+    if text is not None:
+        tensors["text"] = text.detach().float().cpu().contiguous()
+        if text_mask is not None:
+            tensors["text_mask"] = text_mask.detach().to(torch.bool).cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_shard_info(path: Path) -> ShardInfo:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise WaltError(f"{path}: not a readable latent shard ({err})") from None
+    if "walt.rows" not in meta:
+        raise WaltError(f"{path}: not a walt latent shard (no index in its metadata)")
+    return ShardInfo(
+        rows=json.loads(meta["walt.rows"]),
+        tokenizer=meta["walt.tokenizer"],
+        channel_sum=json.loads(meta["walt.channel_sum"]),
+        channel_sumsq=json.loads(meta["walt.channel_sumsq"]),
+        channel_count=int(meta["walt.channel_count"]),
+    )
+
+
+def combine_stats(infos: Iterable[ShardInfo]) -> dict:
+    """Per-channel mean and (population) std over every latent value of every shard."""
+    s = ss = None
+    count = clips = 0
+    tokenizers = set()
+    for info in infos:
+        a = torch.tensor(info.channel_sum, dtype=torch.float64)
+        b = torch.tensor(info.channel_sumsq, dtype=torch.float64)
+        s, ss = (a, b) if s is None else (s + a, ss + b)
+        count += info.channel_count
+        clips += len(info.rows)
+        tokenizers.add(info.tokenizer)
+    if s is None or count == 0:
+        raise WaltError("no latents to measure statistics on")
+    if len(tokenizers) != 1:
+        raise WaltError(f"shards come from {len(tokenizers)} different tokenizers; re-encode")
+    mean = s / count
+    var = (ss / count - mean.pow(2)).clamp_min(0)
+    return {
+        "tokenizer": tokenizers.pop(),
+        "mean": mean.tolist(),
+        "std": var.sqrt().tolist(),
+        "values_per_channel": count,
+        "clips": clips,
+    }
+
+
+def write_latents(
+    folder: Path,
+    encode: Callable[[dict], torch.Tensor],
+    batches: Callable[[int, int], Iterable[dict]],
+    num_items: int,
+    *,
+    shard_size: int,
+    tokenizer: str,
+    on_shard: Callable[[int, int, bool], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Encode a data set into shards, skipping shards this tokenizer already wrote.
+
+    encode(batch) -> latents (B, c, t, h, w); batches(start, stop) yields collated batches of the
+    items start..stop-1 (unreadable items already dropped; None for a batch with none left);
+    on_shard(k, n_shards, skipped) reports each shard, on_batch(items) each encoded batch. Writes index.jsonl and stats.json at the end and returns the stats.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(num_items / shard_size)
+    infos = []
+    for k in range(n_shards):
+        path = shard_path(folder, k)
+        if path.is_file():
+            info = read_shard_info(path)
+            if info.tokenizer == tokenizer:
+                infos.append(info)
+                if on_shard:
+                    on_shard(k, n_shards, True)
+                continue
+        start, stop = k * shard_size, min((k + 1) * shard_size, num_items)
+        chunks, rows = [], []
+        for batch in batches(start, stop):
+            if batch is None:
+                continue
+            z = encode(batch)
+            if on_batch:
+                on_batch(z.shape[0])
+            chunks.append(z)
+            for i in range(z.shape[0]):
+                label = batch["label"][i]
+                rows.append(
+                    {
+                        "shard": k,
+                        "row": len(rows),
+                        "label": label.tolist() if label.ndim else int(label),
+                        "caption": batch["caption"][i],
+                        "source": batch["source"][i],
+                        "start": int(batch["start"][i]),
+                        "frames": int(batch["video"].shape[2]),
+                        "is_image": bool(batch["is_image"][i]),
+                    }
+                )
+        if not rows:
+            continue  # every item of this shard was unreadable
+        shapes = {tuple(c.shape[1:]) for c in chunks}
+        if len(shapes) != 1:
+            raise WaltError(
+                f"clips of different latent shapes {sorted(shapes)} in one data set: give images "
+                "through data.images (packed) rather than mixed with videos"
+            )
+        write_shard(path, torch.cat(chunks), rows, tokenizer=tokenizer)
+        infos.append(read_shard_info(path))
+        if on_shard:
+            on_shard(k, n_shards, False)
+    with open(folder / "index.jsonl", "w") as f:
+        for info in infos:
+            for row in info.rows:
+                f.write(json.dumps(row) + "\n")
+    stats = combine_stats(infos)
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def load_stats(folder: Path, tokenizer: str | None = None) -> dict:
+    """stats.json of a latent folder; with `tokenizer`, check it belongs to that tokenizer."""
+    path = Path(folder) / "stats.json"
+    if not path.is_file():
+        raise WaltError(f"{path}: no latent statistics; run `walt tokenize encode` first")
+    stats = json.loads(path.read_text())
+    if tokenizer is not None and stats.get("tokenizer") != tokenizer:
+        raise WaltError(
+            f"{path}: measured with tokenizer {stats.get('tokenizer')}, not {tokenizer}; re-encode"
+        )
+    return stats
+
+
+class LatentShards(Dataset):
+    """The clips of a latent folder: dict(latent (c, t, h, w), label, caption, ..., text?).
+
+    Shards are opened lazily and memory-mapped, one handle per shard per process.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "index.jsonl"
+        if not index.is_file():
+            raise WaltError(f"{self.folder}: no index.jsonl; run `walt tokenize encode` first")
+        self.rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        if not self.rows:
+            raise WaltError(f"{index}: empty")
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _shard(self, k: int):
+        from safetensors import safe_open
+
+        if k not in self._handles:
+            self._handles[k] = safe_open(str(shard_path(self.folder, k)), framework="pt")
+        return self._handles[k]
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        shard = self._shard(row["shard"])
+        item = dict(row)
+        item["latent"] = shard.get_slice("latents")[row["row"]]
+        if "text" in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
+            item["text"] = shard.get_slice("text")[row["row"]]
+            item["text_mask"] = shard.get_slice("text_mask")[row["row"]]
+        return item
+
+    def __getstate__(self):  # handles are per process: workers reopen them
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

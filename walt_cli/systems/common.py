@@ -1,0 +1,190 @@
+"""Training plumbing shared by the stages: Lightning trainer from a recipe, resume, schedules,
+the non-finite-loss guard and the start-up table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from walt_cli.errors import WaltError
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss is NaN or Inf, counts them, and stops after `patience` in a row.
+
+    bf16 GAN training is where peers lose runs to NaN (PEERS.md §5); one bad batch should cost one
+    step, a diverged run should stop with a message instead of writing NaN weights.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def ok(self, *losses: torch.Tensor, step: int) -> bool:
+        if all(bool(torch.isfinite(x).all()) for x in losses):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.patience:
+            raise WaltError(
+                f"training diverged: {self.in_a_row} non-finite losses in a row at step {step} "
+                f"({self.skipped} skipped in all); lower the learning rate or use 32-true precision, "
+                "then rerun to resume from the last checkpoint"
+            )
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row, self.skipped = int(state["in_a_row"]), int(state["skipped"])
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
+    """LR multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warmup, then cosine decay.
+
+    Written as one closed-form function (rather than chaining LinearLR and CosineAnnealingLR in
+    SequentialLR) because a LambdaLR's state is just its step count, which resumes exactly.
+    """
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def last_checkpoint(stage_dir: Path) -> Path | None:
+    path = Path(stage_dir) / "last.ckpt"
+    return path if path.is_file() else None
+
+
+class StepCheckpoint(Callback):
+    """Writes `last.ckpt` (full Lightning state) every `every` system steps and when training ends.
+
+    The system's own step counter decides (`module.step`), not Lightning's global_step, which in
+    manual optimisation counts each optimizer's steps. `on_save(module)` runs after each save
+    (e.g. to export EMA weights), on rank zero only.
+    """
+
+    def __init__(self, stage_dir: Path, every: int, on_save: Callable | None = None) -> None:
+        self.path = Path(stage_dir) / "last.ckpt"
+        self.every = every
+        self.on_save = on_save
+        self.saved_step = -1
+
+    def _save(self, trainer, module) -> None:
+        step = int(module.step)
+        if step == self.saved_step:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved_step = step
+        if self.on_save is not None and trainer.is_global_zero:
+            self.on_save(module)
+
+    def on_train_start(self, trainer, module) -> None:
+        self.saved_step = int(module.step)  # a restored state is already on disk
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = int(module.step)
+        if step > 0 and (step % self.every == 0 or trainer.should_stop):
+            self._save(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._save(trainer, module)
+
+
+def build_trainer(
+    recipe,
+    stage_dir: Path,
+    *,
+    val_every: int | None,
+    val_batches: int,
+    callbacks: list | None = None,
+    progress: bool = True,
+):
+    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir`.
+
+    Steps are counted by the system (it stops the trainer at its own max_steps, and a
+    `StepCheckpoint` among `callbacks` writes last.ckpt), because in manual optimisation
+    Lightning's global_step counts every optimizer's steps.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    t = recipe.trainer
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    cbs = [*(callbacks or [])]
+    if progress:
+        cbs.append(RichProgressBar(leave=True))
+    devices = t.devices
+    if not isinstance(devices, (int, str)):
+        devices = list(devices)
+    return L.Trainer(
+        default_root_dir=stage_dir,
+        logger=_resumable_csv_logger(stage_dir),
+        accelerator=t.accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=-1,
+        max_steps=-1,
+        log_every_n_steps=t.log_every,
+        callbacks=cbs,
+        val_check_interval=val_every if val_every else None,
+        check_val_every_n_epoch=None if val_every else 1,
+        limit_val_batches=val_batches if val_every else 0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+    )
+
+
+def _resumable_csv_logger(stage_dir: Path):
+    """Lightning's CSVLogger writing `stage_dir/metrics.csv`, appending to an earlier run's rows.
+
+    (CSVLogger deletes an existing metrics.csv when it starts; a resumed run keeps its history.)
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=stage_dir, name="", version="")
+    path = Path(stage_dir) / "metrics.csv"
+    previous = path.read_text() if path.is_file() else None
+    writer = logger.experiment  # created now: this is where the old file is removed
+    if previous:
+        path.write_text(previous)
+        header = next(csv.reader(previous.splitlines()), [])
+        writer.metrics_keys = sorted(k for k in header if k)
+    return logger
+
+
+def startup_table(title: str, rows: list[tuple[str, Any]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

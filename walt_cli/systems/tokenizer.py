@@ -1,0 +1,525 @@
+"""`walt tokenize train`: the tokenizer's training system (SPEC_WALT.md §1, the MAGVIT-v2 recipe).
+
+The LightningModule only wires: the causal autoencoder (models/tokenizer.py), the 3D
+discriminator (models/discriminator.py), the losses (losses/perceptual.py, losses/gan.py), an EMA
+of the generator, two Adam optimizers with warmup + cosine, and the non-finite-loss guard.
+
+One training step (manual optimisation, the system's own `step` counter):
+
+    G: recon_weight * L1/L2(x_hat, x) + perceptual_weight * P(x_hat, x)
+       [+ gan_weight * softplus(-D(x_hat)) once step >= disc_start]
+    D (once step >= disc_start): softplus(-D(x)) + softplus(D(x_hat))
+       + lecam_weight * LeCam + r1_weight * r1_every * r1 (every r1_every D steps, lazy)
+
+Packed images (is_image and T > 1) are encoded frame by frame as 1-frame videos, so joint
+image-video batches train one latent space (paper §4.1). A step whose loss is NaN or Inf is
+skipped and counted; `nan_patience` in a row stop the run with a message.
+
+Outputs in `runs/<name>/tokenizer/`: last.ckpt (Lightning state: weights, EMA, discriminator,
+optimizers, schedulers, step), tokenizer.safetensors (EMA weights + config, exported at every
+checkpoint and validation), metrics.csv, previews/step-XXXXXXX.gif (original | reconstruction).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from einops import rearrange
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from walt_cli.losses.gan import LeCam, d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+from walt_cli.losses.perceptual import build_perceptual, psnr, reconstruction_loss
+from walt_cli.models.discriminator import Discriminator3D
+from walt_cli.models.tokenizer import CausalVideoTokenizer
+from walt_cli.systems.common import NonFiniteGuard, warmup_cosine
+
+log = logging.getLogger("walt.tokenizer")
+
+TOKENIZER_FILE = "tokenizer.safetensors"
+
+
+def split_batch(video: torch.Tensor, is_image: torch.Tensor) -> list[torch.Tensor]:
+    """The clips of a batch as groups the tokenizer can take whole.
+
+    video (B, 3, T, H, W), is_image (B,) -> [videos (Bv, 3, T, H, W), images (Bi * T, 3, 1, H, W)]
+    (empty groups left out). A pack of T independent images becomes T 1-frame clips.
+    """
+    groups = []
+    vids = video[~is_image]
+    if vids.shape[0]:
+        groups.append(vids)
+    imgs = video[is_image]
+    if imgs.shape[0]:
+        groups.append(rearrange(imgs, "b c t h w -> (b t) c 1 h w"))
+    return groups
+
+
+class TokenizerSystem(L.LightningModule):
+    """Trains a `CausalVideoTokenizer` with the MAGVIT-v2 loss recipe (see the module docstring).
+
+    Args mirror the recipe's `tokenizer` section (walt_cli.config.TokenizerConfig); `tokenizer`
+    is the generator to train, `run_dir` where previews and EMA weights are written.
+    """
+
+    def __init__(
+        self,
+        tokenizer: CausalVideoTokenizer,
+        *,
+        stage_dir: str,
+        max_steps: int,
+        lr: float = 1e-4,
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.0,
+        betas: tuple[float, float] = (0.0, 0.99),
+        ema_decay: float = 0.999,
+        grad_clip: float = 1.0,
+        recon_loss: str = "l2",
+        recon_weight: float = 5.0,
+        perceptual: str = "none",
+        perceptual_weight: float = 0.1,
+        perceptual_path: str | None = None,
+        disc_start: int = 2000,
+        disc_channels: int = 128,
+        disc_multipliers: tuple[int, ...] = (2, 4, 4, 4, 4),
+        disc_lr: float | None = None,
+        gan_weight: float = 0.1,
+        r1_weight: float = 10.0,
+        r1_every: int = 4,
+        lecam_weight: float = 0.001,
+        lecam_decay: float = 0.999,
+        nan_patience: int = 10,
+        log_every: int = 50,
+        fps: float = 8.0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.tokenizer = tokenizer
+        self.ema = AveragedModel(
+            tokenizer, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+        ).requires_grad_(False)
+        self.discriminator = Discriminator3D(
+            in_channels=tokenizer.in_channels,
+            base_channels=disc_channels,
+            channel_multipliers=tuple(disc_multipliers),
+        )
+        self.lecam = LeCam(lecam_decay)
+        # The frozen perceptual network is not a submodule: it stays out of checkpoints.
+        self._perceptual = [build_perceptual(perceptual, perceptual_path)]
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
+        self.guard = NonFiniteGuard(nan_patience)
+        self.stage_dir = Path(stage_dir)
+        self.max_steps = max_steps
+        self.lr, self.disc_lr = lr, disc_lr if disc_lr is not None else lr
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.grad_clip = grad_clip
+        self.recon_loss, self.recon_weight = recon_loss, recon_weight
+        self.perceptual_weight = perceptual_weight
+        self.disc_start = disc_start
+        self.gan_weight, self.r1_weight, self.r1_every = gan_weight, r1_weight, r1_every
+        self.lecam_weight = lecam_weight
+        self.log_every = log_every
+        self.fps = fps
+        self._val: dict[str, list[float]] = {}
+
+    # ---------------------------------------------------------------------------------------
+    # Optimizers
+
+    def configure_optimizers(self):
+        opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=self.lr, betas=self.betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.disc_lr, betas=self.betas)
+        g_sched = warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        d_steps = max(1, self.max_steps - self.disc_start)
+        d_sched = warmup_cosine(min(self.warmup_steps, d_steps), d_steps, self.min_lr_ratio)
+        return [opt_g, opt_d], [
+            torch.optim.lr_scheduler.LambdaLR(opt_g, g_sched),
+            torch.optim.lr_scheduler.LambdaLR(opt_d, d_sched),
+        ]
+
+    # ---------------------------------------------------------------------------------------
+    # Losses (overridable pieces; tests inject faults here)
+
+    @property
+    def perceptual(self):
+        return self._perceptual[0]
+
+    def generator_losses(
+        self, groups: list[torch.Tensor], adversarial: bool
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Loss terms of the generator and the reconstructions, one per group."""
+        recons = [self.tokenizer(x) for x in groups]  # each like its group (N, 3, T, H, W)
+        sizes = [x.numel() for x in groups]
+        total = sum(sizes)
+        terms: dict[str, torch.Tensor] = {}
+        terms["recon"] = sum(
+            reconstruction_loss(r, x, self.recon_loss) * (n / total)
+            for r, x, n in zip(recons, groups, sizes, strict=True)
+        )
+        loss = self.recon_weight * terms["recon"]
+        if self.perceptual is not None and self.perceptual_weight > 0:
+            terms["perceptual"] = sum(
+                self.perceptual(r, x) * (n / total)
+                for r, x, n in zip(recons, groups, sizes, strict=True)
+            )
+            loss = loss + self.perceptual_weight * terms["perceptual"]
+        if adversarial and self.gan_weight > 0:
+            terms["g_adv"] = sum(g_loss_nonsaturating(self.discriminator(r)) for r in recons) / len(
+                recons
+            )
+            loss = loss + self.gan_weight * terms["g_adv"]
+        terms["g_loss"] = loss
+        return terms, recons
+
+    def discriminator_losses(
+        self, groups: list[torch.Tensor], recons: list[torch.Tensor], with_r1: bool
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of the discriminator (non-saturating, LeCam, lazy r1)."""
+        terms: dict[str, torch.Tensor] = {"d_adv": 0.0, "lecam": 0.0, "r1": 0.0}  # type: ignore[dict-item]
+        for x, r in zip(groups, recons, strict=True):
+            real = x.detach().requires_grad_(with_r1)
+            real_logits = self.discriminator(real)  # (N,)
+            fake_logits = self.discriminator(r.detach())  # (N,)
+            terms["d_adv"] = terms["d_adv"] + d_loss_nonsaturating(real_logits, fake_logits)
+            terms["lecam"] = terms["lecam"] + self.lecam(real_logits, fake_logits)
+            if with_r1:
+                terms["r1"] = terms["r1"] + r1_penalty(real_logits, real)
+            self.lecam.update(real_logits, fake_logits)
+        n = len(groups)
+        terms = {
+            k: (v / n if torch.is_tensor(v) else torch.zeros((), device=x.device))
+            for k, v in terms.items()
+        }
+        terms["d_loss"] = (
+            terms["d_adv"]
+            + self.lecam_weight * terms["lecam"]
+            + self.r1_weight * self.r1_every * terms["r1"]
+        )
+        return terms
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        step = int(self.step)
+        if step >= self.max_steps:
+            self.trainer.should_stop = True
+            return None
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        groups = split_batch(batch["video"], batch["is_image"])
+        adversarial = step >= self.disc_start
+
+        self.toggle_optimizer(opt_g)
+        g_terms, recons = self.generator_losses(groups, adversarial)
+        if not self.guard.ok(g_terms["g_loss"], step=step):
+            self.untoggle_optimizer(opt_g)
+            log.warning(
+                "step %d: non-finite generator loss, step skipped (%d in a row)",
+                step,
+                self.guard.in_a_row,
+            )
+            self._log_skip(step)
+            return None
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_terms["g_loss"])
+        if self.grad_clip > 0:
+            self.clip_gradients(
+                opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
+            )
+        opt_g.step()
+        sched_g.step()
+        self.untoggle_optimizer(opt_g)
+        self.ema.update_parameters(self.tokenizer)
+
+        d_terms: dict[str, torch.Tensor] = {}
+        if adversarial:
+            self.toggle_optimizer(opt_d)
+            with_r1 = self.r1_weight > 0 and int(self.d_steps) % self.r1_every == 0
+            d_terms = self.discriminator_losses(groups, recons, with_r1)
+            if self.guard.ok(d_terms["d_loss"], step=step):
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_terms["d_loss"])
+                if self.grad_clip > 0:
+                    self.clip_gradients(
+                        opt_d, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
+                    )
+                opt_d.step()
+                sched_d.step()
+                self.d_steps += 1
+            else:
+                log.warning("step %d: non-finite discriminator loss, D step skipped", step)
+            self.untoggle_optimizer(opt_d)
+
+        self.step += 1
+        step += 1
+        if step >= self.max_steps:
+            self.trainer.should_stop = True
+        self.log("recon", g_terms["recon"].detach(), prog_bar=True, logger=False)
+        self.log("step", float(step), prog_bar=True, logger=False)
+        if step % self.log_every == 0 or step == 1 or step >= self.max_steps:
+            with torch.no_grad():
+                metrics = {f"train/{k}": float(v) for k, v in {**g_terms, **d_terms}.items()}
+                metrics["train/psnr"] = float(
+                    torch.cat([psnr(r, x) for r, x in zip(recons, groups, strict=True)]).mean()
+                )
+            metrics["train/lr"] = sched_g.get_last_lr()[0]
+            metrics["train/skipped"] = float(self.guard.skipped)
+            metrics["train/video_clips"] = float((~batch["is_image"]).sum())
+            metrics["train/image_packs"] = float(batch["is_image"].sum())
+            self._write_metrics(metrics, step)
+        return None
+
+    def _log_skip(self, step: int) -> None:
+        self._write_metrics({"train/skipped": float(self.guard.skipped)}, step)
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """metrics.csv rows keyed by the system's step, flushed at once (a killed run keeps them)."""
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=step)
+            self.logger.save()
+
+    # ---------------------------------------------------------------------------------------
+    # Validation: PSNR of the EMA model, a side-by-side preview, EMA weights exported
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"psnr": [], "recon": []}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ema = self.ema.module
+        groups = split_batch(batch["video"], batch["is_image"])
+        recons = [ema(x) for x in groups]
+        for r, x in zip(recons, groups, strict=True):
+            self._val["psnr"] += psnr(r, x).tolist()
+            self._val["recon"].append(float(reconstruction_loss(r, x, self.recon_loss)))
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self.write_preview(groups[0][:4], recons[0][:4])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val.get("psnr"):
+            return
+        step = int(self.step)
+        metrics = {
+            "val/psnr": sum(self._val["psnr"]) / len(self._val["psnr"]),
+            "val/recon": sum(self._val["recon"]) / len(self._val["recon"]),
+        }
+        self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False, sync_dist=True)
+        self._write_metrics(metrics, step)
+        if self.trainer.is_global_zero:
+            self.export_ema()
+
+    def write_preview(self, x: torch.Tensor, r: torch.Tensor) -> Path:
+        """previews/step-XXXXXXX.gif: each clip beside its EMA reconstruction."""
+        from walt_cli.data.video import tile_videos, write_video
+
+        out = self.stage_dir / "previews" / f"step-{int(self.step):07d}.gif"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pairs = (
+            torch.stack([v for pair in zip(x, r.clamp(-1, 1), strict=True) for v in pair])
+            .float()
+            .cpu()
+        )
+        return write_video(out, tile_videos(pairs, ncols=2), fps=self.fps)
+
+    def export_ema(self) -> Path:
+        """tokenizer.safetensors: the EMA generator with its config and the step it is from."""
+        return self.ema.module.save(
+            self.stage_dir / TOKENIZER_FILE,
+            extra={"step": int(self.step), "ema": True},
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoint extras (primitives only, so resuming loads with weights_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["walt_guard"] = self.guard.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "walt_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["walt_guard"])
+
+    def on_fit_start(self) -> None:
+        if self.perceptual is not None:
+            self._perceptual[0] = self.perceptual.to(self.device)
+
+
+def data_loaders(recipe, *, shuffle_seed: int):
+    """(train loader, val loader or None, train set, val set or None) for the recipe's data."""
+    from torch.utils.data import DataLoader
+
+    from walt_cli.data.datasets import build_dataset, collate
+    from walt_cli.errors import WaltError
+
+    d, t = recipe.data, recipe.trainer
+    train = build_dataset(d, "train")
+    try:
+        val = build_dataset(d, "val") if d.val_fraction > 0 or d.source == "folder" else None
+    except WaltError as err:
+        log.warning("no validation split (%s): validation and previews are off", err)
+        val = None
+    common = dict(
+        batch_size=d.batch_size,
+        num_workers=t.num_workers,
+        collate_fn=collate,
+        persistent_workers=t.num_workers > 0,
+    )
+    g = torch.Generator().manual_seed(shuffle_seed)
+    train_loader = DataLoader(
+        train, shuffle=True, drop_last=len(train) >= d.batch_size, generator=g, **common
+    )
+    val_loader = DataLoader(val, shuffle=False, **common) if val is not None else None
+    return train_loader, val_loader, train, val
+
+
+def build_system(recipe) -> TokenizerSystem:
+    """The training system a recipe describes (a fresh tokenizer from the preset)."""
+    k = recipe.tokenizer
+    tok = CausalVideoTokenizer.from_preset(k.preset)
+    return TokenizerSystem(
+        tok,
+        stage_dir=str(Path(recipe.run_dir) / "tokenizer"),
+        max_steps=k.max_steps,
+        lr=k.lr,
+        warmup_steps=k.warmup_steps,
+        min_lr_ratio=k.min_lr_ratio,
+        betas=tuple(k.betas),
+        ema_decay=k.ema_decay,
+        grad_clip=k.grad_clip,
+        recon_loss=k.recon_loss,
+        recon_weight=k.recon_weight,
+        perceptual=k.perceptual,
+        perceptual_weight=k.perceptual_weight,
+        perceptual_path=k.perceptual_path,
+        disc_start=k.disc_start,
+        disc_channels=k.disc_channels,
+        disc_multipliers=tuple(k.disc_multipliers),
+        disc_lr=k.disc_lr,
+        gan_weight=k.gan_weight,
+        r1_weight=k.r1_weight,
+        r1_every=k.r1_every,
+        lecam_weight=k.lecam_weight,
+        lecam_decay=k.lecam_decay,
+        nan_patience=k.nan_patience,
+        log_every=recipe.trainer.log_every,
+        fps=float(recipe.data.fps or recipe.data.shapes.fps or 8.0),
+    )
+
+
+def train_tokenizer(
+    recipe,
+    *,
+    progress: bool = True,
+    callbacks: list | None = None,
+    console=None,
+) -> dict[str, Any]:
+    """Train (or resume) the recipe's tokenizer; returns a summary dict.
+
+    Rerunning resumes from `runs/<name>/tokenizer/last.ckpt` (weights, EMA, discriminator,
+    optimizers, schedulers, step counter and guard state).
+    """
+    from walt_cli.config import save_recipe
+    from walt_cli.systems.common import (
+        StepCheckpoint,
+        build_trainer,
+        human_count,
+        last_checkpoint,
+        startup_table,
+    )
+
+    L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    stage_dir = Path(recipe.run_dir) / "tokenizer"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe)
+    train_loader, val_loader, train_set, val_set = data_loaders(
+        recipe, shuffle_seed=recipe.trainer.seed
+    )
+    system = build_system(recipe)
+    k, d = recipe.tokenizer, recipe.data
+    resume = last_checkpoint(stage_dir)
+
+    tok = system.tokenizer
+    t, (h, w) = d.num_frames, d.resolution
+    latent = (
+        tok.latent_channels,
+        tok.num_latent_frames(t),
+        h // tok.spatial_factor,
+        w // tok.spatial_factor,
+    )
+    if console is not None:
+        console.print(
+            startup_table(
+                f"walt tokenize train: {recipe.name}",
+                [
+                    ("tokenizer", f"{k.preset}: {human_count(tok.num_parameters())} parameters"),
+                    (
+                        "discriminator",
+                        f"{human_count(sum(p.numel() for p in system.discriminator.parameters()))} parameters, from step {k.disc_start}",
+                    ),
+                    ("input", f"(B, 3, {t}, {h}, {w})"),
+                    ("latent", f"(B, {', '.join(map(str, latent))})"),
+                    ("batch", f"{d.batch_size} per device"),
+                    (
+                        "data",
+                        f"{d.source}: {len(train_set)} train / {len(val_set) if val_set is not None else 0} val",
+                    ),
+                    (
+                        "losses",
+                        f"{k.recon_loss} x{k.recon_weight}, perceptual {k.perceptual}"
+                        f"{f' x{k.perceptual_weight}' if k.perceptual != 'none' else ''}, "
+                        f"GAN x{k.gan_weight}, r1 x{k.r1_weight}, LeCam x{k.lecam_weight}",
+                    ),
+                    (
+                        "optimizer",
+                        f"Adam lr {k.lr:g} betas {tuple(k.betas)}, warmup {k.warmup_steps} + cosine, EMA {k.ema_decay}",
+                    ),
+                    ("steps", f"{k.max_steps}" + (f" (resuming from {resume})" if resume else "")),
+                    ("precision", recipe.trainer.precision),
+                    (
+                        "devices",
+                        f"{recipe.trainer.accelerator}: {recipe.trainer.devices} x {recipe.trainer.num_nodes} node(s), {recipe.trainer.strategy}",
+                    ),
+                    ("output", str(stage_dir)),
+                ],
+            )
+        )
+    checkpoint = StepCheckpoint(
+        stage_dir, recipe.trainer.checkpoint_every, on_save=lambda m: m.export_ema()
+    )
+    trainer = build_trainer(
+        recipe,
+        stage_dir,
+        val_every=k.val_every if val_loader is not None else None,
+        val_batches=k.val_batches,
+        callbacks=[checkpoint, *(callbacks or [])],
+        progress=progress,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
+        )
+        trainer.fit(
+            system,
+            train_dataloaders=train_loader,
+            val_dataloaders=val_loader,
+            ckpt_path=str(resume) if resume else None,
+            weights_only=True,
+        )
+    skipped_files = len(getattr(train_set, "skipped", {}) or {})
+    return {
+        "step": int(system.step),
+        "skipped_steps": system.guard.skipped,
+        "skipped_files": skipped_files,
+        "checkpoint": str(stage_dir / "last.ckpt"),
+        "weights": str(stage_dir / TOKENIZER_FILE),
+        "metrics": str(stage_dir / "metrics.csv"),
+        "resumed": resume is not None,
+        "steps_per_epoch": math.ceil(len(train_set) / d.batch_size),
+    }
