@@ -32,8 +32,11 @@ def setup_logging(level: int | None = None) -> None:
     logger.setLevel(level or logging.INFO)
 
 
-def progress():
-    """A Rich progress bar on stderr with a rate column: `with progress() as bar: bar.track(...)`."""
+def progress(*, rate: bool = False, disable: bool = False):
+    """A Rich progress bar on stderr: `with progress() as bar: bar.track(...)`.
+
+    With `rate=True` it shows a `rate` task field (e.g. "12.3 clips/s") that the caller updates.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -43,12 +46,31 @@ def progress():
         TimeRemainingColumn,
     )
 
-    return Progress(
+    columns = [
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
+    ]
+    if rate:
+        columns.append(TextColumn("{task.fields[rate]}"))
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=err_console, transient=False, disable=disable)
+
+
+def resolve_device(device: str):
+    """`auto`, `cpu`, `cuda`, `cuda:N` -> a torch.device, with one-line errors for the rest."""
+    import torch
+
+    from walt_cli.errors import WaltError
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise WaltError(
+            f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:1)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WaltError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    return dev

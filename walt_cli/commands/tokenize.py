@@ -88,16 +88,9 @@ def reconstruct(
     if chunk_frames % f_t:
         raise WaltError(f"--chunk-frames {chunk_frames}: must be a multiple of {f_t} (or 0)")
     first = _parse_start(start)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise WaltError(
-            f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:1)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WaltError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    from walt_cli.console import resolve_device
+
+    dev = resolve_device(device)
     tok = tok.to(dev).eval()
 
     console.print(

@@ -93,16 +93,9 @@ def encode_dataset(
         raise WaltError(f"split must be train or val, got {split!r}")
     path = tokenizer_path(recipe)
     digest = file_hash(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise WaltError(
-            f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:1)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WaltError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    from walt_cli.console import resolve_device
+
+    dev = resolve_device(device)
     tok = CausalVideoTokenizer.from_checkpoint(path).to(dev).eval()
     dataset = build_dataset(recipe.data, split, augment=False, drop_unreadable=True)
     k = recipe.tokenizer
@@ -139,27 +132,9 @@ def encode_dataset(
     def encode(batch: dict) -> torch.Tensor:
         return encode_batch(tok, batch["video"].to(dev), batch["is_image"].to(dev)).float().cpu()
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from walt_cli.console import progress as progress_bar
 
-    from walt_cli.console import err_console
-
-    bar = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=not progress,
-    )
+    bar = progress_bar(rate=True, disable=not progress)
     t0 = time.perf_counter()
     encoded = 0
     skipped_shards = 0
