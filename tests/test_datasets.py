@@ -178,3 +178,28 @@ def test_shapes_splits_are_disjoint():
     assert val[0]["caption"] not in {train[i]["caption"] for i in range(len(train))}
     with pytest.raises(WaltError, match="split must be one of"):
         build_dataset(recipe.data, "test")
+
+
+def test_collate_pads_packs_of_images_to_the_video_length():
+    """A pack of N images sits in a batch with T-frame videos: zero-padded in time, its real
+    length in `frames`, and `pack_frames` takes the padding off again."""
+    from walt_cli.data.datasets import collate, pack_frames
+
+    video = {
+        "video": torch.rand(3, 9, 8, 8),
+        "label": 4,
+        "caption": "v",
+        "source": "a",
+        "start": 0,
+        "is_image": False,
+    }
+    pack = {"video": torch.rand(3, 3, 8, 8), "label": torch.tensor([1, 2, 3]), "caption": ["x"] * 3,
+            "source": "b", "start": 0, "is_image": True}  # fmt: skip
+    batch = collate([video, pack])
+    assert batch["video"].shape == (2, 3, 9, 8, 8)
+    assert batch["frames"].tolist() == [9, 3]
+    assert batch["label"].tolist() == [[4, 4, 4], [1, 2, 3]]
+    torch.testing.assert_close(batch["video"][1, :, :3], pack["video"])
+    assert not batch["video"][1, :, 3:].any()
+    assert pack_frames(batch["is_image"], batch["frames"], 9) == 3
+    assert pack_frames(torch.tensor([False, False]), batch["frames"], 9) == 9

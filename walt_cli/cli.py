@@ -18,6 +18,7 @@ from walt_cli import __version__
 from walt_cli.commands import data as data_cmds
 from walt_cli.commands import eval as eval_cmds
 from walt_cli.commands import tokenize as tokenize_cmds
+from walt_cli.commands import train as train_cmds
 from walt_cli.errors import WaltError
 
 
@@ -65,6 +66,7 @@ def _root(
 
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(tokenize_cmds.app, name="tokenize")
+app.command("train-base")(train_cmds.train_base)
 app.command("eval-fvd")(eval_cmds.eval_fvd)
 
 

@@ -110,12 +110,57 @@ class TokenizerConfig:
 
 
 @dataclass
+class BaseConfig:
+    """`walt train-base`: the base latent transformer and its diffusion training recipe.
+
+    The latent grid (T, h, w) follows from `data` (num_frames, resolution) and the tokenizer's
+    factors; model keys left at null take the preset's value.
+    """
+
+    preset: str = "tiny"  # walt-l | walt-xl | walt-3b | tiny (models/transformer.py PRESETS)
+    depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    adaln_lora_rank: int | None = None  # r of AdaLN-LoRA; 0 = a separate AdaLN per layer
+    spatial_window: list[int] | None = None  # SW window (h, w) in tokens (default: whole frame)
+    st_window: list[int] | None = None  # STW window (h, w) in tokens (default: half the frame)
+    num_classes: int = 0  # class-conditional with this many classes; 0 = no class labels
+    text_dim: int | None = None  # width of the precomputed text embeddings in the latent shards
+    gradient_checkpointing: bool = False
+    batch_size: int | None = None  # per device (default: data.batch_size)
+    latents: str | None = None  # latent folder (default runs/<name>/latents); "online": encode
+    stats_batches: int = 16  # online encoding: batches that the latent statistics are measured on
+    max_steps: int = 100_000
+    optimizer: str = "adamw"  # adamw | adafactor
+    lr: float = 5e-4
+    warmup_steps: int = 5000
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    weight_decay: float = 0.0
+    ema: bool = True
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    p_self_cond: float = 0.9  # self-conditioning rate [P §4.3, Table 3c]
+    p_frame_pred: float = 0.0  # share of samples conditioned on their first latent frames
+    num_cond_frames: list[int] = field(default_factory=lambda: [1, 2])  # latent frames to keep
+    p_cond_drop: float = 0.0  # condition dropout (trains the unconditional branch of CFG)
+    nan_patience: int = 10  # stop after this many non-finite losses in a row
+    preview_every: int = 2000  # steps between preview videos (0: none)
+    preview_samples: int = 4
+    preview_steps: int = 50  # DDIM steps of the previews (the paper samples with 50)
+    guidance_scale: float | None = None  # classifier-free guidance of the previews (null: none)
+    checkpoint: str | None = None  # the finished model (`walt sample`); default runs/<name>/base
+
+
+@dataclass
 class Recipe:
     name: str = ""  # defaults to the recipe file's stem
     run_dir: str = "runs/${name}"
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +350,75 @@ def validate(recipe: Recipe, *, source: str) -> None:
         "tokenizer.shard_size",
         "shard_size and encode_batch_size must be >= 1",
     )
+    _validate_base(recipe.base, source)
     t = recipe.trainer
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
     _check(t.log_every >= 1, source, "trainer.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, source, "trainer.checkpoint_every", "must be >= 1")
+
+
+def _validate_base(b: BaseConfig, source: str) -> None:
+    from walt_cli.models.transformer import PRESETS
+
+    _check(
+        b.preset in PRESETS,
+        source,
+        "base.preset",
+        f"must be one of {', '.join(PRESETS)}, got {b.preset!r}",
+    )
+    for key in ("depth", "width", "heads", "patch_size"):
+        value = getattr(b, key)
+        _check(value is None or value >= 1, source, f"base.{key}", f"must be >= 1, got {value}")
+    _check(
+        b.adaln_lora_rank is None or b.adaln_lora_rank >= 0,
+        source,
+        "base.adaln_lora_rank",
+        "must be >= 0",
+    )
+    for key in ("spatial_window", "st_window"):
+        value = getattr(b, key)
+        _check(
+            value is None or (len(value) == 2 and min(value) >= 1),
+            source,
+            f"base.{key}",
+            f"must be [height, width] in tokens, got {None if value is None else list(value)}",
+        )
+    _check(b.num_classes >= 0, source, "base.num_classes", "must be >= 0")
+    _check(b.batch_size is None or b.batch_size >= 1, source, "base.batch_size", "must be >= 1")
+    _check(b.text_dim is None or b.text_dim >= 1, source, "base.text_dim", "must be >= 1 (or null)")
+    _check(
+        b.optimizer in ("adamw", "adafactor"),
+        source,
+        "base.optimizer",
+        f"must be adamw or adafactor, got {b.optimizer!r}",
+    )
+    _check(len(b.betas) == 2, source, "base.betas", f"must be [beta1, beta2], got {list(b.betas)}")
+    _check(
+        b.max_steps >= 1 and b.warmup_steps >= 0,
+        source,
+        "base.max_steps",
+        "must be >= 1 (warmup >= 0)",
+    )
+    _check(b.lr > 0, source, "base.lr", f"must be positive, got {b.lr}")
+    _check(0.0 <= b.ema_decay < 1.0, source, "base.ema_decay", "must be in [0, 1)")
+    for key in ("p_self_cond", "p_frame_pred", "p_cond_drop"):
+        value = getattr(b, key)
+        _check(0.0 <= value <= 1.0, source, f"base.{key}", f"must be in [0, 1], got {value}")
+    _check(
+        len(b.num_cond_frames) >= 1 and min(b.num_cond_frames) >= 1,
+        source,
+        "base.num_cond_frames",
+        f"must list latent frame counts >= 1, got {list(b.num_cond_frames)}",
+    )
+    _check(b.nan_patience >= 1, source, "base.nan_patience", "must be >= 1")
+    _check(b.stats_batches >= 1, source, "base.stats_batches", "must be >= 1")
+    _check(
+        b.preview_every >= 0 and b.preview_samples >= 1 and b.preview_steps >= 1,
+        source,
+        "base.preview_every",
+        "preview_every must be >= 0, preview_samples and preview_steps >= 1",
+    )
 
 
 def check_data_paths(data: DataConfig) -> None:

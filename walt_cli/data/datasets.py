@@ -323,8 +323,19 @@ class JointDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch items; labels become (B,) or, where any sample is a pack of images, (B, N)."""
-    video = torch.stack([it["video"] for it in items])
+    """Batch items; labels become (B,) or, where any sample is a pack of images, (B, N).
+
+    A pack of N images is shorter than a video of T = 1 + 4k frames (N is the video's latent
+    frame count): it is zero-padded in time to T, and `frames` (B,) holds each item's real frame
+    count (`pack_frames` takes the padding off again)."""
+    frames = [it["video"].shape[1] for it in items]
+    longest = max(frames)
+    video = torch.stack(
+        [
+            torch.nn.functional.pad(it["video"], (0, 0, 0, 0, 0, longest - f))
+            for it, f in zip(items, frames, strict=True)
+        ]
+    )
     per_frame = any(isinstance(it["label"], torch.Tensor) for it in items)
     if per_frame:
         n = (
@@ -349,7 +360,18 @@ def collate(items: list[dict]) -> dict:
         "source": [it["source"] for it in items],
         "start": torch.tensor([it["start"] for it in items]),
         "is_image": torch.tensor([bool(it["is_image"]) for it in items]),
+        "frames": torch.tensor(frames),
     }
+
+
+def pack_frames(is_image: torch.Tensor, frames: torch.Tensor | None, total: int) -> int:
+    """How many frames the packs of images in a batch really hold (the rest is padding)."""
+    if frames is None or not bool(is_image.any()):
+        return total
+    counts = set(frames.cpu()[is_image.cpu()].tolist())
+    if len(counts) != 1:
+        raise WaltError(f"packs of {sorted(counts)} images in one batch; use one pack size")
+    return int(counts.pop())
 
 
 # ---------------------------------------------------------------------------------------------

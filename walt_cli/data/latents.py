@@ -53,6 +53,18 @@ class ShardInfo:
     channel_count: int  # values per channel in the shard
 
 
+def channel_moments(latents: torch.Tensor, *, rows: list[dict], tokenizer: str) -> ShardInfo:
+    """Per-channel sums of latents (N, c, t, h, w), the statistics' raw material (float64)."""
+    per_channel = latents.detach().transpose(0, 1).reshape(latents.shape[1], -1).double().cpu()
+    return ShardInfo(
+        rows=rows,
+        tokenizer=tokenizer,
+        channel_sum=per_channel.sum(1).tolist(),
+        channel_sumsq=per_channel.pow(2).sum(1).tolist(),
+        channel_count=per_channel.shape[1],
+    )
+
+
 def write_shard(
     path: Path,
     latents: torch.Tensor,
@@ -68,13 +80,13 @@ def write_shard(
     if latents.shape[0] != len(rows):
         raise ValueError(f"{len(rows)} rows for {latents.shape[0]} latents")
     z = latents.detach().float().cpu().contiguous()
-    per_channel = z.transpose(0, 1).reshape(z.shape[1], -1).double()  # (c, N*t*h*w)
+    moments = channel_moments(z, rows=rows, tokenizer=tokenizer)
     meta = {
         "walt.rows": json.dumps(rows),
         "walt.tokenizer": tokenizer,
-        "walt.channel_sum": json.dumps(per_channel.sum(1).tolist()),
-        "walt.channel_sumsq": json.dumps(per_channel.pow(2).sum(1).tolist()),
-        "walt.channel_count": str(per_channel.shape[1]),
+        "walt.channel_sum": json.dumps(moments.channel_sum),
+        "walt.channel_sumsq": json.dumps(moments.channel_sumsq),
+        "walt.channel_count": str(moments.channel_count),
     }
     tensors = {"latents": z}
     if text is not None:
@@ -180,7 +192,9 @@ def write_latents(
                         "caption": batch["caption"][i],
                         "source": batch["source"][i],
                         "start": int(batch["start"][i]),
-                        "frames": int(batch["video"].shape[2]),
+                        "frames": int(batch["frames"][i])
+                        if "frames" in batch
+                        else int(batch["video"].shape[2]),
                         "is_image": bool(batch["is_image"][i]),
                     }
                 )

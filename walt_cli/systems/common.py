@@ -3,6 +3,7 @@ the non-finite-loss guard and the start-up table."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from walt_cli.errors import WaltError
+
+log = logging.getLogger("walt.train")
 
 
 class NonFiniteGuard:
@@ -27,7 +30,11 @@ class NonFiniteGuard:
         self.skipped = 0
 
     def ok(self, *losses: torch.Tensor, step: int) -> bool:
-        if all(bool(torch.isfinite(x).all()) for x in losses):
+        return self.check(all(bool(torch.isfinite(x).all()) for x in losses), step=step)
+
+    def check(self, finite: bool, *, step: int) -> bool:
+        """Count one step whose losses were (all ranks agreeing) `finite` or not."""
+        if finite:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
@@ -45,6 +52,35 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.in_a_row, self.skipped = int(state["in_a_row"]), int(state["skipped"])
+
+
+def data_loaders(recipe, *, shuffle_seed: int, batch_size: int | None = None):
+    """(train loader, val loader or None, train set, val set or None) for the recipe's data
+    (`batch_size` per device, default data.batch_size)."""
+    from torch.utils.data import DataLoader
+
+    from walt_cli.data.datasets import build_dataset, collate
+
+    d, t = recipe.data, recipe.trainer
+    batch_size = batch_size or d.batch_size
+    train = build_dataset(d, "train")
+    try:
+        val = build_dataset(d, "val") if d.val_fraction > 0 or d.source == "folder" else None
+    except WaltError as err:
+        log.warning("no validation split (%s): validation and previews are off", err)
+        val = None
+    common = dict(
+        batch_size=batch_size,
+        num_workers=t.num_workers,
+        collate_fn=collate,
+        persistent_workers=t.num_workers > 0,
+    )
+    g = torch.Generator().manual_seed(shuffle_seed)
+    train_loader = DataLoader(
+        train, shuffle=True, drop_last=len(train) >= batch_size, generator=g, **common
+    )
+    val_loader = DataLoader(val, shuffle=False, **common) if val is not None else None
+    return train_loader, val_loader, train, val
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):

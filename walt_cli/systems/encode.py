@@ -38,13 +38,19 @@ def tokenizer_path(recipe) -> Path:
 
 @torch.no_grad()
 def encode_batch(
-    tok: CausalVideoTokenizer, video: torch.Tensor, is_image: torch.Tensor
+    tok: CausalVideoTokenizer,
+    video: torch.Tensor,
+    is_image: torch.Tensor,
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latents of a batch, video (B, 3, T, H, W) -> (B, c, t, h, w).
 
-    Videos are encoded as clips (t = 1 + (T - 1) / f_t); packs of T independent images frame by
-    frame (t = T), each image as a 1-frame video. A batch mixing both must give one latent shape.
+    Videos are encoded as clips (t = 1 + (T - 1) / f_t); packs of N independent images (padded
+    to T, `frames` (B,) the real counts) frame by frame (t = N), each image as a 1-frame video.
+    A batch mixing both must give one latent shape.
     """
+    from walt_cli.data.datasets import pack_frames
+
     out: list[torch.Tensor | None] = [None] * video.shape[0]
     vid = (~is_image).nonzero().flatten().tolist()
     img = is_image.nonzero().flatten().tolist()
@@ -53,7 +59,9 @@ def encode_batch(
         for j, i in enumerate(vid):
             out[i] = z[j]
     if img:
-        packs = video[img]  # (Bi, 3, T, H, W)
+        packs = video[img][
+            :, :, : pack_frames(is_image, frames, video.shape[2])
+        ]  # (Bi, 3, N, H, W)
         z = tok.encode(rearrange(packs, "b c t h w -> (b t) c 1 h w"))  # (Bi*T, c, 1, h, w)
         z = rearrange(z, "(b t) c 1 h w -> b c t h w", b=len(img))
         for j, i in enumerate(img):
@@ -130,7 +138,8 @@ def encode_dataset(
         yield from loader
 
     def encode(batch: dict) -> torch.Tensor:
-        return encode_batch(tok, batch["video"].to(dev), batch["is_image"].to(dev)).float().cpu()
+        z = encode_batch(tok, batch["video"].to(dev), batch["is_image"].to(dev), batch["frames"])
+        return z.float().cpu()
 
     from walt_cli.console import progress as progress_bar
 

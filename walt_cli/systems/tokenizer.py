@@ -43,17 +43,22 @@ log = logging.getLogger("walt.tokenizer")
 TOKENIZER_FILE = "tokenizer.safetensors"
 
 
-def split_batch(video: torch.Tensor, is_image: torch.Tensor) -> list[torch.Tensor]:
+def split_batch(
+    video: torch.Tensor, is_image: torch.Tensor, frames: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """The clips of a batch as groups the tokenizer can take whole.
 
-    video (B, 3, T, H, W), is_image (B,) -> [videos (Bv, 3, T, H, W), images (Bi * T, 3, 1, H, W)]
-    (empty groups left out). A pack of T independent images becomes T 1-frame clips.
+    video (B, 3, T, H, W), is_image (B,), frames (B,) real frame counts (packs are padded) ->
+    [videos (Bv, 3, T, H, W), images (Bi * N, 3, 1, H, W)] (empty groups left out). A pack of N
+    independent images becomes N 1-frame clips.
     """
+    from walt_cli.data.datasets import pack_frames
+
     groups = []
     vids = video[~is_image]
     if vids.shape[0]:
         groups.append(vids)
-    imgs = video[is_image]
+    imgs = video[is_image][:, :, : pack_frames(is_image, frames, video.shape[2])]
     if imgs.shape[0]:
         groups.append(rearrange(imgs, "b c t h w -> (b t) c 1 h w"))
     return groups
@@ -212,7 +217,7 @@ class TokenizerSystem(L.LightningModule):
             return None
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
-        groups = split_batch(batch["video"], batch["is_image"])
+        groups = split_batch(batch["video"], batch["is_image"], batch.get("frames"))
         adversarial = step >= self.disc_start
 
         self.toggle_optimizer(opt_g)
@@ -292,7 +297,7 @@ class TokenizerSystem(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ema = self.ema.module
-        groups = split_batch(batch["video"], batch["is_image"])
+        groups = split_batch(batch["video"], batch["is_image"], batch.get("frames"))
         recons = [ema(x) for x in groups]
         for r, x in zip(recons, groups, strict=True):
             self._val["psnr"] += psnr(r, x).tolist()
@@ -348,34 +353,6 @@ class TokenizerSystem(L.LightningModule):
             self._perceptual[0] = self.perceptual.to(self.device)
 
 
-def data_loaders(recipe, *, shuffle_seed: int):
-    """(train loader, val loader or None, train set, val set or None) for the recipe's data."""
-    from torch.utils.data import DataLoader
-
-    from walt_cli.data.datasets import build_dataset, collate
-    from walt_cli.errors import WaltError
-
-    d, t = recipe.data, recipe.trainer
-    train = build_dataset(d, "train")
-    try:
-        val = build_dataset(d, "val") if d.val_fraction > 0 or d.source == "folder" else None
-    except WaltError as err:
-        log.warning("no validation split (%s): validation and previews are off", err)
-        val = None
-    common = dict(
-        batch_size=d.batch_size,
-        num_workers=t.num_workers,
-        collate_fn=collate,
-        persistent_workers=t.num_workers > 0,
-    )
-    g = torch.Generator().manual_seed(shuffle_seed)
-    train_loader = DataLoader(
-        train, shuffle=True, drop_last=len(train) >= d.batch_size, generator=g, **common
-    )
-    val_loader = DataLoader(val, shuffle=False, **common) if val is not None else None
-    return train_loader, val_loader, train, val
-
-
 def build_system(recipe) -> TokenizerSystem:
     """The training system a recipe describes (a fresh tokenizer from the preset)."""
     k = recipe.tokenizer
@@ -426,6 +403,7 @@ def train_tokenizer(
     from walt_cli.systems.common import (
         StepCheckpoint,
         build_trainer,
+        data_loaders,
         human_count,
         last_checkpoint,
         startup_table,

@@ -1,0 +1,51 @@
+"""`walt train-base`: the base latent transformer (W.A.L.T's second stage).
+
+Torch and Lightning are imported inside the command, so `walt --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def train_base(
+    recipe: Path = typer.Argument(
+        ..., help="Recipe YAML (its `data`, `trainer` and `base` sections).", show_default=False
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        help="key.path=value overrides, e.g. base.max_steps=2000 data.batch_size=8.",
+        show_default=False,
+    ),
+    progress_bar: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show the Rich progress bar."
+    ),
+) -> None:
+    """Train the base latent transformer (v-prediction, self-conditioning, EMA); rerun to resume.
+
+    Reads the latent shards of `walt tokenize encode` (or encodes online with
+    base.latents=online). Writes runs/<name>/base/: last.ckpt (full training state),
+    base.safetensors (EMA weights + config + latent statistics), metrics.csv and previews/
+    (DDIM samples decoded by the tokenizer).
+
+    Example: walt train-base recipes/shapes.yaml base.max_steps=2000
+    """
+    from walt_cli.config import load_recipe
+    from walt_cli.console import console, setup_logging
+    from walt_cli.systems.base import train_base as run
+
+    setup_logging()
+    r = load_recipe(recipe, list(overrides or []))
+    summary = run(r, progress=progress_bar, console=console)
+    console.print(
+        f"step {summary['step']}: weights [bold]{summary['weights']}[/], state "
+        f"{summary['checkpoint']}, metrics {summary['metrics']}, previews {summary['previews']}"
+        + (
+            f"; {summary['skipped_steps']} non-finite steps skipped"
+            if summary["skipped_steps"]
+            else ""
+        ),
+        soft_wrap=True,
+    )
