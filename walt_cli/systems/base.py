@@ -37,7 +37,7 @@ from walt_cli.diffusion.samplers import sample
 from walt_cli.diffusion.schedules import make_schedule
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
-from walt_cli.systems.common import NonFiniteGuard, warmup_cosine
+from walt_cli.systems.common import NonFiniteGuard, section_kwargs, warmup_cosine
 
 log = logging.getLogger("walt.base")
 
@@ -620,6 +620,7 @@ def train_base(
         StepCheckpoint,
         build_trainer,
         data_loaders,
+        fit,
         last_checkpoint,
         startup_table,
     )
@@ -725,26 +726,9 @@ def train_base(
         latent_mean=stats["mean"],
         latent_std=stats["std"],
         tokenizer_hash=tok_hash,
-        max_steps=b.max_steps,
-        optimizer=b.optimizer,
-        lr=b.lr,
-        warmup_steps=b.warmup_steps,
-        min_lr_ratio=b.min_lr_ratio,
-        betas=tuple(b.betas),
-        weight_decay=b.weight_decay,
-        ema=b.ema,
-        ema_decay=b.ema_decay,
-        grad_clip=b.grad_clip,
-        p_self_cond=b.p_self_cond,
-        p_frame_pred=b.p_frame_pred,
-        num_cond_frames=tuple(b.num_cond_frames),
-        p_cond_drop=b.p_cond_drop,
-        nan_patience=b.nan_patience,
+        **section_kwargs(b, BaseSystem),
         log_every=t.log_every,
         preview=spec,
-        preview_every=b.preview_every,
-        preview_steps=b.preview_steps,
-        guidance_scale=b.guidance_scale,
         tokenizer=tok,
         online=online,
         fps=float(d.fps or d.shapes.fps or 8.0),
@@ -767,19 +751,7 @@ def train_base(
                 ),
             )
         )
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
-        )
-        trainer.fit(
-            system,
-            train_dataloaders=train_loader,
-            ckpt_path=str(resume) if resume else None,
-            weights_only=True,
-        )
+    fit(trainer, system, train_loader, resume=resume)
     return {
         "step": int(system.step),
         "skipped_steps": system.guard.skipped,

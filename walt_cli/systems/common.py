@@ -208,6 +208,37 @@ def _resumable_csv_logger(stage_dir: Path):
     return logger
 
 
+def section_kwargs(section, target) -> dict[str, Any]:
+    """The keys of a recipe section that `target`'s constructor takes under the same name: one
+    mapping from the typed recipe to a system's explicit keyword arguments."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    params = inspect.signature(target).parameters
+    values = OmegaConf.to_container(section) if OmegaConf.is_config(section) else vars(section)
+    return {k: v for k, v in values.items() if k in params}
+
+
+def fit(trainer, system, train_loader, *, val_loader=None, resume: Path | None = None) -> None:
+    """`trainer.fit`, resuming from `resume` with `weights_only=True` (nothing is unpickled),
+    without the warnings that every resumed step-based run would print."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
+        )
+        trainer.fit(
+            system,
+            train_dataloaders=train_loader,
+            val_dataloaders=val_loader,
+            ckpt_path=str(resume) if resume else None,
+            weights_only=True,
+        )
+
+
 def startup_table(title: str, rows: list[tuple[str, Any]]):
     from rich.table import Table
 

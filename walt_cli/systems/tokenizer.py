@@ -36,7 +36,7 @@ from walt_cli.losses.gan import LeCam, d_loss_nonsaturating, g_loss_nonsaturatin
 from walt_cli.losses.perceptual import build_perceptual, psnr, reconstruction_loss
 from walt_cli.models.discriminator import Discriminator3D
 from walt_cli.models.tokenizer import CausalVideoTokenizer
-from walt_cli.systems.common import NonFiniteGuard, warmup_cosine
+from walt_cli.systems.common import NonFiniteGuard, section_kwargs, warmup_cosine
 
 log = logging.getLogger("walt.tokenizer")
 
@@ -360,28 +360,7 @@ def build_system(recipe) -> TokenizerSystem:
     return TokenizerSystem(
         tok,
         stage_dir=str(Path(recipe.run_dir) / "tokenizer"),
-        max_steps=k.max_steps,
-        lr=k.lr,
-        warmup_steps=k.warmup_steps,
-        min_lr_ratio=k.min_lr_ratio,
-        betas=tuple(k.betas),
-        ema_decay=k.ema_decay,
-        grad_clip=k.grad_clip,
-        recon_loss=k.recon_loss,
-        recon_weight=k.recon_weight,
-        perceptual=k.perceptual,
-        perceptual_weight=k.perceptual_weight,
-        perceptual_path=k.perceptual_path,
-        disc_start=k.disc_start,
-        disc_channels=k.disc_channels,
-        disc_multipliers=tuple(k.disc_multipliers),
-        disc_lr=k.disc_lr,
-        gan_weight=k.gan_weight,
-        r1_weight=k.r1_weight,
-        r1_every=k.r1_every,
-        lecam_weight=k.lecam_weight,
-        lecam_decay=k.lecam_decay,
-        nan_patience=k.nan_patience,
+        **section_kwargs(k, TokenizerSystem),
         log_every=recipe.trainer.log_every,
         fps=float(recipe.data.fps or recipe.data.shapes.fps or 8.0),
     )
@@ -404,6 +383,7 @@ def train_tokenizer(
         StepCheckpoint,
         build_trainer,
         data_loaders,
+        fit,
         human_count,
         last_checkpoint,
         startup_table,
@@ -476,20 +456,7 @@ def train_tokenizer(
         callbacks=[checkpoint, *(callbacks or [])],
         progress=progress,
     )
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
-        )
-        trainer.fit(
-            system,
-            train_dataloaders=train_loader,
-            val_dataloaders=val_loader,
-            ckpt_path=str(resume) if resume else None,
-            weights_only=True,
-        )
+    fit(trainer, system, train_loader, val_loader=val_loader, resume=resume)
     skipped_files = len(getattr(train_set, "skipped", {}) or {})
     return {
         "step": int(system.step),
