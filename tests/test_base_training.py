@@ -357,3 +357,28 @@ def test_cli_bad_base_key_is_one_line(cli, tmp_path: Path):
     result = cli("train-base", TINY, f"run_dir={tmp_path}", "base.optimizer=sgd")
     assert result.exit_code == 2
     assert "base.optimizer" in result.output and "adamw or adafactor" in result.output
+
+
+def test_ddp_on_two_cpu_processes(tmp_path: Path):
+    """`trainer.strategy=ddp` with 2 CPU processes (gloo): both ranks agree on every step, rank
+    zero alone prints the table, writes previews and metrics, and the checkpoint holds step 4."""
+    import subprocess
+    import sys
+
+    encoded(tmp_path)
+    cmd = [sys.executable, "-m", "walt_cli.cli", "train-base", str(TINY), f"run_dir={tmp_path}/run",
+           "trainer.devices=2", "trainer.strategy=ddp", "base.max_steps=4", "--no-progress"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert out.count("walt train-base: tiny") == 1 and out.count("step 4: weights") == 1
+    assert "2 per device x 2 = 4" in out
+    base = tmp_path / "run" / "base"
+    rows = read_metrics(base / "metrics.csv")
+    assert [s for s, _ in series(rows, "train/loss")] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (base / "previews").glob("*.mp4")) == [
+        "step-0000003.mp4",
+        "step-0000004.mp4",
+    ]
+    ckpt = torch.load(base / "last.ckpt", weights_only=True, map_location="cpu")
+    assert int(ckpt["state_dict"]["step"]) == 4

@@ -150,7 +150,6 @@ class BaseConfig:
     preview_samples: int = 4
     preview_steps: int = 50  # DDIM steps of the previews (the paper samples with 50)
     guidance_scale: float | None = None  # classifier-free guidance of the previews (null: none)
-    checkpoint: str | None = None  # the finished model (`walt sample`); default runs/<name>/base
 
 
 @dataclass

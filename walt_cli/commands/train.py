@@ -39,6 +39,8 @@ def train_base(
     setup_logging()
     r = load_recipe(recipe, list(overrides or []))
     summary = run(r, progress=progress_bar, console=console)
+    if not summary["main_process"]:
+        return
     console.print(
         f"step {summary['step']}: weights [bold]{summary['weights']}[/], state "
         f"{summary['checkpoint']}, metrics {summary['metrics']}, previews {summary['previews']}"

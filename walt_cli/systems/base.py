@@ -742,7 +742,10 @@ def train_base(
         callbacks=[checkpoint, *(callbacks or [])],
         progress=progress,
     )
-    if console is not None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
+    if console is not None and main_process:
         console.print(
             startup_table(
                 f"walt train-base: {recipe.name}",
@@ -760,6 +763,7 @@ def train_base(
         "metrics": str(stage_dir / "metrics.csv"),
         "previews": str(stage_dir / "previews"),
         "resumed": resume is not None,
+        "main_process": main_process,
         "parameters": net.num_parameters,
         "describe": describe_windows(net),
     }
