@@ -568,7 +568,6 @@ def _preview_spec(recipe, items: list[dict], collate, num_classes: int) -> Previ
     mode = preview_mode(num_classes, b.text_dim, b.p_frame_pred)
     videos = [it for it in items if not it.get("is_image")] or items
     batch = collate(videos[: b.preview_samples])
-    n = len(batch["caption"])
     spec = PreviewSpec(mode=mode, batch=batch, seed=recipe.trainer.seed)
     if mode == "class":
         n = min(b.preview_samples, num_classes)
