@@ -52,9 +52,8 @@ def image_folder(tmp_path: Path) -> Path:
     for cls in ("red", "blue"):
         (tmp_path / "images" / cls).mkdir(parents=True)
         for i in range(3):
-            write_image(
-                tmp_path / "images" / cls / f"{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1
-            )
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
+            write_image(tmp_path / "images" / cls / f"{i}.png", pixels.numpy())
     return tmp_path / "images"
 
 
