@@ -308,3 +308,23 @@ def test_lpips_is_a_user_supplied_torchscript_file(tmp_path: Path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(WaltError, match="not a TorchScript LPIPS module"):
         build_perceptual("lpips", str(tmp_path / "junk.pt"))
+
+
+def test_ema_decay_ramps_up_then_holds():
+    """EMA decay min(decay, (1 + n) / (10 + n)): a short run's EMA follows its weights, a long
+    run's averages with the configured decay."""
+    from walt_cli.systems.common import ema_model
+
+    net = torch.nn.Linear(3, 1)
+    torch.nn.init.zeros_(net.weight)
+    ema = ema_model(net, 0.9)
+    ema.update_parameters(net)  # the first update copies
+    expected = 0.0
+    for n in range(1, 40):
+        net.weight.data.fill_(float(n))
+        ema.update_parameters(net)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * n
+        assert float(ema.module.weight[0, 0]) == pytest.approx(expected, rel=1e-5)
+    assert (1 + 39) / (10 + 39) < 0.9 < (1 + 81) / (10 + 81)  # the ramp ends between 39 and 81
+    assert not any(p.requires_grad for p in ema.parameters())

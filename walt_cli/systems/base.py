@@ -29,7 +29,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from walt_cli.diffusion.inputs import first_frames_mask
 from walt_cli.diffusion.losses import diffusion_loss
@@ -37,7 +36,7 @@ from walt_cli.diffusion.samplers import sample
 from walt_cli.diffusion.schedules import make_schedule
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
-from walt_cli.systems.common import NonFiniteGuard, section_kwargs, warmup_cosine
+from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
 
 log = logging.getLogger("walt.base")
 
@@ -189,13 +188,7 @@ class BaseSystem(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.net = net
-        self.ema = (
-            AveragedModel(
-                net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-            ).requires_grad_(False)
-            if ema
-            else None
-        )
+        self.ema = ema_model(net, ema_decay) if ema else None
         self.schedule = make_schedule()  # 1000 linear betas, zero terminal SNR [P Table 8]
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         std = torch.tensor(latent_std, dtype=torch.float32)

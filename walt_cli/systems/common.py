@@ -83,6 +83,30 @@ def data_loaders(recipe, *, shuffle_seed: int, batch_size: int | None = None):
     return train_loader, val_loader, train, val
 
 
+def ema_model(module: torch.nn.Module, decay: float):
+    """An EMA copy of `module` (`torch.optim.swa_utils.AveragedModel`, buffers averaged too, no
+    gradients) whose decay ramps up as min(decay, (1 + n) / (10 + n)) over its first n updates,
+    as TensorFlow's ExponentialMovingAverage does with `num_updates`.
+
+    Without the ramp a short run's EMA is mostly its initial weights: after 150 steps at decay
+    0.999, 86% of the average is step 0 (a 150-step shapes tokenizer: held-out PSNR 10.3 dB for
+    the EMA, 15.7 dB for the raw weights). The ramp reaches 0.99 after 890 updates and 0.999 after
+    about 9000, so long runs get the configured average.
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+        n = float(n_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        for avg, cur in zip(averaged, current, strict=True):
+            if avg.is_floating_point() or avg.is_complex():
+                avg.lerp_(cur, 1 - d)
+            else:  # integer buffers (counters, indices): what AveragedModel's own EMA does
+                avg.copy_(avg * d + cur * (1 - d))
+
+    return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False)
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
     """LR multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warmup, then cosine decay.
 

@@ -30,13 +30,12 @@ from typing import Any
 import lightning as L
 import torch
 from einops import rearrange
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from walt_cli.losses.gan import LeCam, d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 from walt_cli.losses.perceptual import build_perceptual, psnr, reconstruction_loss
 from walt_cli.models.discriminator import Discriminator3D
 from walt_cli.models.tokenizer import CausalVideoTokenizer
-from walt_cli.systems.common import NonFiniteGuard, section_kwargs, warmup_cosine
+from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
 
 log = logging.getLogger("walt.tokenizer")
 
@@ -104,9 +103,7 @@ class TokenizerSystem(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer = tokenizer
-        self.ema = AveragedModel(
-            tokenizer, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-        ).requires_grad_(False)
+        self.ema = ema_model(tokenizer, ema_decay)
         self.discriminator = Discriminator3D(
             in_channels=tokenizer.in_channels,
             base_channels=disc_channels,
