@@ -43,3 +43,39 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+class ResumeProbe:
+    """Lightning callbacks for the resume tests: `callback("end")` snapshots a run's state when
+    it ends, `callback("start")` when a rerun starts, and both record the system's step at each
+    batch (`first_steps`). `snapshot(trainer, module) -> dict` says what is compared."""
+
+    def __init__(self, snapshot) -> None:
+        self.snapshot = snapshot
+        self.seen: dict[str, dict] = {}
+        self.first_steps: list[int] = []
+
+    def callback(self, when: str):
+        import lightning as L
+
+        probe = self
+
+        class Capture(L.Callback):
+            def on_train_start(self, trainer, module):
+                if when == "start":
+                    probe.seen["start"] = probe.snapshot(trainer, module)
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                probe.first_steps.append(int(module.step))
+
+            def on_train_end(self, trainer, module):
+                if when == "end":
+                    probe.seen["end"] = probe.snapshot(trainer, module)
+
+        return Capture()
+
+
+@pytest.fixture()
+def resume_probe():
+    """ResumeProbe(snapshot): see the class."""
+    return ResumeProbe

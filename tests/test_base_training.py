@@ -163,36 +163,21 @@ def _snapshot(trainer, module) -> dict:
     }  # fmt: skip
 
 
-def test_rerun_resumes_with_the_same_weights_optimizer_and_ema(tmp_path: Path):
+def test_rerun_resumes_with_the_same_weights_optimizer_and_ema(tmp_path: Path, resume_probe):
     """Stop at step 3, rerun to 5: the rerun starts from the stopped run's weights, AdamW
     moments, EMA, scheduler and step, and its metrics continue the same file."""
-    import lightning as L
-
-    seen: dict[str, dict] = {}
-    first_steps: list[int] = []
-
-    class Capture(L.Callback):
-        def __init__(self, when: str) -> None:
-            self.when = when
-
-        def on_train_start(self, trainer, module):
-            if self.when == "start":
-                seen["start"] = _snapshot(trainer, module)
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            first_steps.append(int(module.step))
-
-        def on_train_end(self, trainer, module):
-            if self.when == "end":
-                seen["end"] = _snapshot(trainer, module)
+    probe = resume_probe(_snapshot)
+    seen, first_steps = probe.seen, probe.first_steps
 
     common = ["trainer.checkpoint_every=1000", "base.preview_every=0"]
     recipe = encoded(tmp_path, "base.max_steps=3", *common)
-    first = train_base(recipe, progress=False, callbacks=[Capture("end")])
+    first = train_base(recipe, progress=False, callbacks=[probe.callback("end")])
     assert first["step"] == 3 and not first["resumed"]
     first_steps.clear()
     second = train_base(
-        tiny(tmp_path, "base.max_steps=5", *common), progress=False, callbacks=[Capture("start")]
+        tiny(tmp_path, "base.max_steps=5", *common),
+        progress=False,
+        callbacks=[probe.callback("start")],
     )
     assert second["resumed"] and second["step"] == 5
     assert first_steps[:2] == [3, 4]

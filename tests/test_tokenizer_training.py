@@ -147,39 +147,24 @@ def _snapshot(trainer, module: TokenizerSystem) -> dict:
     }
 
 
-def test_rerun_resumes_with_the_same_state(tmp_path: Path):
+def test_rerun_resumes_with_the_same_state(tmp_path: Path, resume_probe):
     """Stop at step 3, rerun to 5: the rerun starts at step 3 with the stopped run's optimizer,
     EMA, discriminator, LeCam, scheduler and guard state, and continues from there."""
-    import lightning as L
-
     common = ["tokenizer.disc_start=1", "tokenizer.r1_every=1", "trainer.checkpoint_every=1000"]
-    seen: dict[str, dict] = {}
-    first_steps: list[int] = []
-
-    class Capture(L.Callback):
-        def __init__(self, when: str) -> None:
-            self.when = when
-
-        def on_train_start(self, trainer, module):
-            if self.when == "start":
-                seen["start"] = _snapshot(trainer, module)
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            first_steps.append(int(module.step))
-
-        def on_train_end(self, trainer, module):
-            if self.when == "end":
-                seen["end"] = _snapshot(trainer, module)
+    probe = resume_probe(_snapshot)
+    seen, first_steps = probe.seen, probe.first_steps
 
     first = train_tokenizer(
-        tiny(tmp_path, "tokenizer.max_steps=3", *common), progress=False, callbacks=[Capture("end")]
+        tiny(tmp_path, "tokenizer.max_steps=3", *common),
+        progress=False,
+        callbacks=[probe.callback("end")],
     )
     assert first["step"] == 3 and not first["resumed"]
     first_steps.clear()
     second = train_tokenizer(
         tiny(tmp_path, "tokenizer.max_steps=5", *common),
         progress=False,
-        callbacks=[Capture("start")],
+        callbacks=[probe.callback("start")],
     )
     assert second["resumed"] and second["step"] == 5
     assert first_steps[0] == 3 and first_steps[:2] == [3, 4]
