@@ -3,15 +3,14 @@ paths (class, text, frame prediction, online encoding), previews and the command
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import TINY, read_metrics, series, tiny
 
-from walt_cli.config import load_recipe
 from walt_cli.data.latents import LatentShards, file_hash, read_shard_info, write_shard
 from walt_cli.data.video import write_image
 from walt_cli.errors import WaltError
@@ -19,22 +18,6 @@ from walt_cli.models.tokenizer import CausalVideoTokenizer
 from walt_cli.models.transformer import WALT
 from walt_cli.systems.base import collate_latents, joint_sampler, train_base
 from walt_cli.systems.encode import encode_dataset
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "recipes" / "tiny.yaml"
-
-
-def tiny(tmp_path: Path, *overrides: str):
-    return load_recipe(TINY, [f"run_dir={tmp_path}/run", *overrides])
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
 
 
 def save_tokenizer(run: Path) -> Path:

@@ -3,34 +3,16 @@ joint image-video batches, and the command line."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import TINY, read_metrics, series, tiny
 
-from walt_cli.config import load_recipe
 from walt_cli.errors import WaltError
 from walt_cli.systems.common import NonFiniteGuard, warmup_cosine
 from walt_cli.systems.tokenizer import TokenizerSystem, split_batch, train_tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "recipes" / "tiny.yaml"
-
-
-def tiny(tmp_path: Path, *overrides: str):
-    return load_recipe(TINY, [f"run_dir={tmp_path}/run", *overrides])
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-
 
 # ---------------------------------------------------------------------------------------------
 
