@@ -349,3 +349,37 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path):
     ]
     ckpt = torch.load(base / "last.ckpt", weights_only=True, map_location="cpu")
     assert int(ckpt["state_dict"]["step"]) == 4
+
+
+def test_non_finite_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import walt_cli.systems.base as base
+
+    original = base.diffusion_loss
+    calls = {"n": 0}
+
+    def faulty(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step's loss is NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(base, "diffusion_loss", faulty)
+    recipe = encoded(tmp_path, "base.max_steps=3", "base.preview_every=0")
+    summary = train_base(recipe, progress=False)
+    assert summary["step"] == 3 and summary["skipped_steps"] == 1 and calls["n"] == 4
+    rows = read_metrics(Path(summary["metrics"]))
+    assert max(v for _, v in series(rows, "train/skipped")) == 1.0
+    assert all(math.isfinite(v) for _, v in series(rows, "train/loss"))
+    net = WALT.from_checkpoint(summary["weights"])
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+    def always_inf(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.loss = out.loss + float("inf")
+        return out
+
+    monkeypatch.setattr(base, "diffusion_loss", always_inf)
+    with pytest.raises(WaltError, match="3 non-finite losses in a row at step 3"):
+        train_base(tiny(tmp_path, "base.max_steps=10", "base.nan_patience=3",
+                        "base.preview_every=0"), progress=False)  # fmt: skip

@@ -325,7 +325,9 @@ class BaseSystem(L.LightningModule):
         step += 1
         logging_step = step % self.log_every == 0 or step == 1 or step >= self.max_steps
         grad_norm = None
-        if logging_step:  # this rank's gradient norm before clipping
+        # This rank's gradient norm before clipping (not under a 16-mixed loss scaler, whose
+        # gradients are still scaled here).
+        if logging_step and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.net.parameters() if p.grad is not None]
             )
@@ -347,13 +349,14 @@ class BaseSystem(L.LightningModule):
             metrics = {
                 "train/loss": float(out.loss.detach()),
                 "train/lr": sched.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
                 "train/skipped": float(self.guard.skipped),
                 "train/video_clips": float((~cond.is_image).sum()),
                 "train/image_packs": float(cond.is_image.sum()),
                 "train/frame_pred": float(out.frame_mask.any(1).sum()),
                 "train/cond_dropped": float(out.dropped.sum()),
             }
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
             now = time.perf_counter()
             if self._clock is not None and step > self._clock[0]:
                 metrics["train/steps_per_s"] = (step - self._clock[0]) / (now - self._clock[1])
