@@ -610,7 +610,6 @@ def train_base(
     from walt_cli.console import resolve_device
     from walt_cli.data.latents import LatentShards, file_hash, load_stats
     from walt_cli.models.tokenizer import CausalVideoTokenizer
-    from walt_cli.models.transformer import describe_windows
     from walt_cli.systems.common import (
         StepCheckpoint,
         build_trainer,
@@ -760,7 +759,6 @@ def train_base(
         "resumed": resume is not None,
         "main_process": main_process,
         "parameters": net.num_parameters,
-        "describe": describe_windows(net),
     }
 
 
