@@ -116,3 +116,40 @@ def test_objects_stay_inside_the_frame():
                 y = o.start[1] + DIRECTIONS[o.direction][1] * o.step * t
                 assert x >= -1e-6 and x <= 2.0 + 1e-6 and -1e-6 <= y <= 1.0 + 1e-6
         assert not math.isnan(scene.objects[0].start[0])
+
+
+def test_multiscale_crops_are_deterministic_crops_of_larger_renders():
+    from walt_cli.data.shapes import ShapesDataset
+
+    def make(random_crop):
+        return ShapesDataset(
+            num_items=8,
+            num_frames=5,
+            height=32,
+            width=32,
+            seed=3,
+            render_sizes=[64, 128],
+            random_crop=random_crop,
+        )
+
+    a, b = make(True), make(True)
+    for i in range(8):
+        v = a[i]["video"]
+        assert v.shape == (3, 5, 32, 32)
+        assert torch.equal(v, b[i]["video"])  # a pure function of (seed, index)
+    # Validation: the centre 32x32 of the scene rendered at the first size.
+    from walt_cli.data.shapes import render
+
+    full = render(make(False).scene(0), 5, 64, 64)
+    assert torch.equal(make(False)[0]["video"], full[:, :, 16:48, 16:48])
+    # Random crops come from both scales and from different places.
+    crops = {tuple(a[i]["video"][:, 0].flatten()[:50].tolist()) for i in range(8)}
+    assert len(crops) > 1
+
+
+def test_render_sizes_smaller_than_the_crop_are_refused():
+    from walt_cli.data.shapes import ShapesDataset
+    from walt_cli.errors import WaltError
+
+    with pytest.raises(WaltError, match="must each be >= the crop 64x64"):
+        ShapesDataset(num_items=1, num_frames=1, height=64, width=64, render_sizes=[32])

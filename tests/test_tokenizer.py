@@ -415,7 +415,7 @@ def test_bad_latent_input_is_a_one_line_error(tiny, shape, message):
 def test_unknown_preset_and_bad_config_are_clear_errors():
     with pytest.raises(
         WaltError,
-        match="unknown tokenizer preset 'huge' \\(choose from tiny, paper, paper-image\\)",
+        match="unknown tokenizer preset 'huge' \\(choose from tiny, shapes, paper, paper-image\\)",
     ):
         CausalVideoTokenizer.from_preset("huge")
     with pytest.raises(

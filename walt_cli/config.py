@@ -33,6 +33,11 @@ class ShapesConfig:
     max_objects: int = 2  # 1..max_objects shapes per video
     seed: int = 0
     fps: float = 8.0
+    # Multi-scale crops (tokenizer training): render each clip with its short side at one of
+    # these sizes and crop it to `data.resolution` (at random where `data.random_crop`, else
+    # centred at the first size), so a tokenizer trained on small crops sees shapes at the
+    # scales of every resolution it will encode. null: render at `data.resolution`.
+    render_sizes: list[int] | None = None
 
 
 @dataclass
@@ -79,7 +84,7 @@ class TrainerConfig:
 class TokenizerConfig:
     """`walt tokenize train|encode`: the causal 3D autoencoder and its MAGVIT-v2 loss recipe."""
 
-    preset: str = "tiny"  # tiny | paper | paper-image
+    preset: str = "tiny"  # tiny | shapes | paper | paper-image
     checkpoint: str | None = None  # use these weights (skip training); default: the run's own
     max_steps: int = 100_000
     lr: float = 1e-4
@@ -293,14 +298,21 @@ def validate(recipe: Recipe, *, source: str) -> None:
     _check(d.batch_size >= 1, source, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _check(d.shapes.max_objects >= 1, source, "data.shapes.max_objects", "must be >= 1")
     _check(d.shapes.num_items >= 1, source, "data.shapes.num_items", "must be >= 1")
+    sizes = d.shapes.render_sizes
+    _check(
+        sizes is None or (len(sizes) > 0 and min(sizes) >= min(d.resolution)),
+        source,
+        "data.shapes.render_sizes",
+        f"must be null or sizes >= the crop {list(d.resolution)}, got {sizes}",
+    )
     if d.source != "shapes":
         _check(d.path is not None, source, "data.path", f"is required for data.source={d.source}")
     k = recipe.tokenizer
     _check(
-        k.preset in ("tiny", "paper", "paper-image"),
+        k.preset in ("tiny", "shapes", "paper", "paper-image"),
         source,
         "tokenizer.preset",
-        f"must be tiny, paper or paper-image, got {k.preset!r}",
+        f"must be tiny, shapes, paper or paper-image, got {k.preset!r}",
     )
     _check(
         k.recon_loss in ("l1", "l2"),

@@ -30,7 +30,7 @@ def reconstruct(
     preset: str | None = typer.Option(
         None,
         "--preset",
-        help="Use an untrained preset instead of --ckpt (tiny, paper, paper-image): checks the "
+        help="Use an untrained preset instead of --ckpt (tiny, shapes, paper, paper-image): checks the "
         "pipeline, not the quality.",
     ),
     out: Path = typer.Option(

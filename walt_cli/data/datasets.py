@@ -406,6 +406,8 @@ def build_dataset(
             seed=seed,
             max_objects=sh.max_objects,
             fps=sh.fps,
+            render_sizes=sh.render_sizes,
+            random_crop=bool(augment and data.random_crop and split == "train"),
         )
     else:
         if data.source == "folder":

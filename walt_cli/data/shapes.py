@@ -17,10 +17,13 @@ distance to the shape's edges (exact for the circle, the half-plane distance for
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from walt_cli.errors import WaltError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {
@@ -186,7 +189,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_objects: int = 2,
         fps: float = 8.0,
+        render_sizes: Sequence[int] | None = None,
+        random_crop: bool = False,
     ) -> None:
+        sizes = list(render_sizes or [])
+        if any(int(s) < min(height, width) for s in sizes):
+            raise WaltError(
+                f"shapes render sizes {sizes} must each be >= the crop {height}x{width}"
+            )
+        self.render_sizes = [int(s) for s in sizes]
+        self.random_crop = random_crop
         self.num_items = num_items
         self.num_frames = num_frames
         self.height, self.width = height, width
@@ -204,12 +216,30 @@ class ShapesDataset(torch.utils.data.Dataset):
             self.seed, index, max_objects=self.max_objects, aspect=self.width / self.height
         )
 
+    def _render(self, scene: SceneSpec, index: int) -> torch.Tensor:
+        """(3, T, H, W): the scene at the crop size, or (multi-scale training) rendered with its
+        short side at one of `render_sizes` and cropped to (H, W): at random where `random_crop`
+        (a pure function of (seed, index), like the scene), else centred at the first size."""
+        h, w = self.height, self.width
+        if not self.render_sizes:
+            return render(scene, self.num_frames, h, w)
+        rng = np.random.default_rng([self.seed, index, 1])
+        side = int(rng.choice(self.render_sizes)) if self.random_crop else self.render_sizes[0]
+        # The scene is laid out for the crop's aspect ratio; the render keeps it.
+        rh, rw = (side, round(side * w / h)) if h <= w else (round(side * h / w), side)
+        video = render(scene, self.num_frames, rh, rw)
+        if self.random_crop:
+            top, left = int(rng.integers(0, rh - h + 1)), int(rng.integers(0, rw - w + 1))
+        else:
+            top, left = (rh - h) // 2, (rw - w) // 2
+        return video[:, :, top : top + h, left : left + w].contiguous()
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_items:
             raise IndexError(index)
         scene = self.scene(index)
         return {
-            "video": render(scene, self.num_frames, self.height, self.width),
+            "video": self._render(scene, index),
             "label": scene.label,
             "caption": scene.caption,
             "source": f"shapes:{self.seed}:{index}",
