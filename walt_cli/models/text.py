@@ -23,17 +23,18 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from walt_cli.errors import WaltError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so recipes can load this module cheaply
+    import torch
+    from torch import Tensor
 
 log = logging.getLogger("walt.text")
 
 ENCODERS = ("minilm", "t5", "none")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -81,6 +82,8 @@ def minilm_path() -> Path:
 def _weights_hash(module: torch.nn.Module, spec: TextEncoderSpec) -> str:
     """sha256 over the spec's encoding keys and every tensor of the state dict (name, dtype,
     shape, bytes): the same weights give the same hash wherever they were loaded from."""
+    import torch
+
     h = hashlib.sha256()
     h.update(json.dumps({"name": spec.name, "max_length": spec.max_length, "dtype": spec.dtype},
                         sort_keys=True).encode())  # fmt: skip
@@ -127,7 +130,9 @@ class TextEncoder:
             model, tokenizer = _load_minilm(spec)
         else:
             model, tokenizer = _load_t5(spec)
-        return cls(spec, model.to(DTYPES[spec.dtype]), tokenizer)
+        import torch
+
+        return cls(spec, model.to(getattr(torch, spec.dtype)), tokenizer)
 
     @property
     def hash(self) -> str:
@@ -149,11 +154,18 @@ class TextEncoder:
 
     # ------------------------------------------------------------------ encoding
 
-    @torch.no_grad()
     def encode(self, prompts: list[str] | tuple[str, ...] | str) -> tuple[Tensor, Tensor]:
         """Token states (B, L, D) float32 and mask (B, L) bool (True = a real token), L =
         max_length, on the encoder's device. Padding positions (and the empty prompt) are
         masked and their states zero."""
+        import torch
+
+        with torch.no_grad():
+            return self._encode(prompts)
+
+    def _encode(self, prompts) -> tuple[Tensor, Tensor]:
+        import torch
+
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
