@@ -48,7 +48,7 @@ def test_batch_equals_prompts_one_at_a_time(minilm: TextEncoder):
 def test_long_prompts_are_truncated_with_a_warning(minilm: TextEncoder, caplog):
     with caplog.at_level("WARNING", logger="walt.text"):
         _, mask = minilm.encode(["word " * 40])
-    assert mask.all() and "truncated to 16" in caplog.text
+    assert mask.all() and "1 of 1 prompts truncated to 16 tokens" in caplog.text
 
 
 def test_empty_prompt_equals_the_dropped_condition(minilm: TextEncoder):

@@ -133,6 +133,7 @@ class DenoiserConfig:
     lr: float = 5e-4
     warmup_steps: int = 5000
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # cosine | constant (after the warmup)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     weight_decay: float = 0.0
     ema: bool = True
@@ -156,6 +157,8 @@ class BaseConfig(DenoiserConfig):
     """
 
     stats_batches: int = 16  # online encoding: batches that the latent statistics are measured on
+    init_from: str | None = None  # start a new run from these weights (a base.safetensors), its
+    # grid resized to this run's latent grid (the paper's 128x128 -> 128x224 fine-tune, §5.3)
     p_frame_pred: float = 0.0  # share of samples conditioned on their first latent frames
     num_cond_frames: list[int] = field(default_factory=lambda: [1, 2])  # latent frames to keep
 
@@ -243,10 +246,19 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         if "=" not in item:
             raise WaltError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            if "[" in key or any(part.isdigit() for part in key.split(".")):
+                # a key inside a list (sr.0.lr or sr[0].lr): dotlist merging would turn the
+                # list into a mapping, so the value is set in place
+                value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+                OmegaConf.update(cfg, key, value, merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _merge_error(f"override {item!r}", err) from None
+        except (IndexError, KeyError, ValueError, TypeError) as err:
+            raise WaltError(f"override {item!r}: {err}") from None
     if not cfg.name:
         cfg.name = path.stem
     try:
@@ -430,6 +442,11 @@ def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
     check(len(b.betas) == 2, "betas", f"must be [beta1, beta2], got {list(b.betas)}")
     check(b.max_steps >= 1 and b.warmup_steps >= 0, "max_steps", "must be >= 1 (warmup >= 0)")
     check(b.lr > 0, "lr", f"must be positive, got {b.lr}")
+    check(
+        b.lr_schedule in ("cosine", "constant"),
+        "lr_schedule",
+        f"must be cosine or constant, got {b.lr_schedule!r}",
+    )
     check(0.0 <= b.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
     for sub in ("p_self_cond", "p_cond_drop"):
         value = getattr(b, sub)

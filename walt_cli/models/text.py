@@ -175,14 +175,18 @@ class TextEncoder:
                 torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device),
             )
         lengths = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        for prompt, ids in zip(prompts, lengths, strict=True):
-            if len(ids) > self.max_length:
-                log.warning(
-                    "prompt truncated to %d of its %d tokens (text_encoder.max_length): %r",
-                    self.max_length,
-                    len(ids),
-                    prompt[:80],
-                )
+        longer = [(len(ids), p) for p, ids in zip(prompts, lengths, strict=True)
+                  if len(ids) > self.max_length]  # fmt: skip
+        if longer:
+            log.warning(
+                "%d of %d prompts truncated to %d tokens (text_encoder.max_length; the longest "
+                "has %d): %r",
+                len(longer),
+                len(prompts),
+                self.max_length,
+                max(n for n, _ in longer),
+                longer[0][1][:80],
+            )
         tokens = self.tokenizer(
             prompts,
             padding="max_length",

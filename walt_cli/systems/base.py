@@ -76,6 +76,8 @@ def collate_latents(items: list[dict]) -> dict:
         "is_image": torch.tensor([bool(it.get("is_image", False)) for it in items]),
         "caption": [it["caption"] for it in items],
     }
+    if all("lowres" in it for it in items):  # SR pairs: the low-res latents (B, c, T, h/f, w/f)
+        batch["lowres"] = torch.stack([it["lowres"] for it in items]).float()
     with_text = ["text" in it for it in items]
     if any(with_text):
         if not all(with_text):
@@ -333,6 +335,29 @@ def latent_root(recipe) -> Path:
     return Path(recipe.base.latents) if recipe.base.latents else Path(recipe.run_dir) / "latents"
 
 
+def init_weights(net: WALT, path: Path) -> None:
+    """Load a trained base's weights into `net`, moving them to its latent grid and windows
+    first (`resize_grid`: position embeddings and relative bias tables interpolated) [P §5.3]."""
+    from walt_cli.models.checkpoint import load_state_strict
+
+    if not path.is_file():
+        raise WaltError(
+            f"base.init_from: file not found: {path} (train the model it names first, or set "
+            "base.init_from=null)"
+        )
+    source = WALT.from_checkpoint(path)
+    source.resize_grid(
+        tuple(net.config["latent_size"]),
+        spatial_window=tuple(net.config["spatial_window"]),
+        st_window=tuple(net.config["st_window"]),
+    )
+    source_config = {k: v for k, v in source.config.items()}
+    if source_config != net.config:
+        differ = sorted(k for k in net.config if source_config.get(k) != net.config[k])
+        raise WaltError(f"base.init_from: {path} is another architecture (differs in {differ})")
+    load_state_strict(net, source.state_dict(), path)
+
+
 def measure_stats(tok, loader, batches: int, tokenizer_hash: str, device) -> dict:
     """Per-channel latent mean/std over the first `batches` batches (online encoding)."""
     from walt_cli.data.latents import channel_moments, combine_stats
@@ -498,6 +523,8 @@ def train_base(
 
     text_encoder = check_text_states(recipe, b, stats, "base")
     net = build_network(b, latent_size, channels)
+    if b.init_from and resume is None:
+        init_weights(net, Path(b.init_from))
     spec = _preview_spec(recipe, preview_items, collate_items, b.num_classes)
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe)

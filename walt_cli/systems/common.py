@@ -328,6 +328,7 @@ class DiffusionSystem(L.LightningModule):
         lr: float = 5e-4,
         warmup_steps: int = 5000,
         min_lr_ratio: float = 0.0,
+        lr_schedule: str = "cosine",
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema: bool = True,
@@ -360,6 +361,7 @@ class DiffusionSystem(L.LightningModule):
         self.stage_dir = Path(stage_dir)
         self.max_steps, self.optimizer_name = max_steps, optimizer
         self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
+        self.lr_schedule = lr_schedule
         self.betas, self.weight_decay = (float(betas[0]), float(betas[1])), weight_decay
         self.grad_clip = grad_clip
         self.p_self_cond, self.p_cond_drop = p_self_cond, p_cond_drop
@@ -395,7 +397,9 @@ class DiffusionSystem(L.LightningModule):
             opt = torch.optim.AdamW(
                 params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
             )
-        sched = warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        # constant: the cosine's floor at 1 (linear warmup, then the peak lr throughout)
+        floor = 1.0 if self.lr_schedule == "constant" else self.min_lr_ratio
+        sched = warmup_cosine(self.warmup_steps, self.max_steps, floor)
         return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, sched)]
 
     # ---------------------------------------------------------------------------------------
@@ -617,7 +621,7 @@ def denoiser_rows(
         ),
         (
             "optimizer",
-            f"{opt}, warmup {b.warmup_steps} + cosine, clip {b.grad_clip:g}, "
+            f"{opt}, warmup {b.warmup_steps} + {b.lr_schedule}, clip {b.grad_clip:g}, "
             + (f"EMA {b.ema_decay}" if b.ema else "no EMA"),
         ),
         ("steps", f"{b.max_steps}" + (f" (resuming from {resume})" if resume else "")),
