@@ -239,3 +239,31 @@ def test_bad_sr_input_is_one_line(cli, tmp_path: Path):
     result = cli("train-sr", TINY, run, "text_encoder.name=clip", "--stage", "1")
     assert result.exit_code == 2 and "unknown encoder 'clip'" in result.output
     assert "Traceback" not in result.output
+
+
+class _FakeEncoder:
+    """Same shape as a TextEncoder: states encode each prompt's length, mask marks its words."""
+
+    dim, max_length, hash = 4, 3, "fake"
+
+    def encode(self, prompts):
+        n = len(prompts)
+        mask = torch.tensor([[i < len(p.split()) for i in range(3)] for p in prompts])
+        states = torch.tensor([float(len(p)) for p in prompts]).view(n, 1, 1).expand(n, 3, 4)
+        return states * mask[..., None], mask
+
+
+def test_pack_captions_get_one_state_per_image_and_shards_mix_them():
+    from walt_cli.data.latents import per_frame_text
+    from walt_cli.systems.encode import caption_states
+
+    enc = _FakeEncoder()
+    videos, vmask = caption_states(enc, ["a b", "c"], torch.tensor([False, False]), 3)
+    assert videos.shape == (2, 3, 4) and vmask.sum(1).tolist() == [2, 1]
+    packs, pmask = caption_states(enc, ["a b", ["x", "y z", "w"]], torch.tensor([False, True]), 3)
+    assert packs.shape == (2, 3, 3, 4)  # (B, T, L, D): one caption per image
+    assert pmask[1].sum(1).tolist() == [1, 2, 1] and pmask[0].sum(1).tolist() == [2, 2, 2]
+    assert packs[1, 1, 0, 0] == len("y z") and packs[0, 2, 0, 0] == len("a b")
+    texts, masks = per_frame_text([videos, packs], [vmask, pmask], 3)
+    assert texts[0].shape == (2, 3, 3, 4) and torch.equal(texts[0][:, 1], videos)
+    assert masks[0].shape == (2, 3, 3)
