@@ -9,7 +9,9 @@ batches of 64, best of 3 passes after a warm-up. SR step: the recipe's SR stage 
 `walt train-sr` builds it, random normalised latent pairs of the stage's shape (the data's frame
 count), text states of the encoder's width, one full `SRSystem` loss (self-conditioning pass
 included at the recipe's rate) + backward + AdamW step; the median of `--steps` steps after two
-warm-ups. On CUDA, bf16 runs under autocast and peak memory is torch's max allocated.
+warm-ups, and the process CPU time per step (all threads; on an otherwise idle machine the wall
+time is about CPU time / threads, which makes the CPU figure the one to read on a shared
+machine). On CUDA, bf16 runs under autocast and peak memory is torch's max allocated.
 """
 
 from __future__ import annotations
@@ -81,13 +83,13 @@ def sr_step(recipe_name: str, stage: int, batch: int, device: str, precision: st
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
                               enabled=precision == "bf16")  # fmt: skip
-    times = []
+    times, cpu = [], []
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 2):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             out, _ = system.compute_loss(data)
         opt.zero_grad(set_to_none=True)
@@ -97,8 +99,15 @@ def sr_step(recipe_name: str, stage: int, batch: int, device: str, precision: st
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return net.num_parameters, (frames, h, w), statistics.median(times), peak
+    return (
+        net.num_parameters,
+        (frames, h, w),
+        statistics.median(times),
+        statistics.median(cpu),
+        peak,
+    )
 
 
 def main() -> None:
@@ -118,13 +127,14 @@ def main() -> None:
         print(f"MiniLM (max_length 32, batch 64, {args.threads} threads): "
               f"{minilm_rate(args.threads):.1f} prompts/s")  # fmt: skip
     name, stage = args.stage.split(":")
-    params, grid, seconds, peak = sr_step(
+    params, grid, seconds, cpu, peak = sr_step(
         name, int(stage), args.batch, args.device, args.precision, args.steps
     )
     print(
         f"{name} SR stage {stage}: {params / 1e6:.2f}M parameters, latents {grid}, batch "
         f"{args.batch}, {args.precision} on {args.device}: {seconds:.3f} s/step "
-        f"({1 / seconds:.2f} steps/s)" + (f", peak {peak:.1f} GiB" if peak is not None else "")
+        f"({1 / seconds:.2f} steps/s; process CPU time {cpu:.2f} s/step)"
+        + (f", peak {peak:.1f} GiB" if peak is not None else "")
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import REPO, TINY, read_metrics, series, tiny
+from training_helpers import REPO, TINY, read_metrics, resume_snapshot, series, tiny
 
 from walt_cli.config import load_recipe
 from walt_cli.data.latents import LatentShards
@@ -144,20 +144,8 @@ def test_encode_writes_pairs_and_text_states_then_train_sr_exports(tmp_path: Pat
     assert all(0 <= v <= 0.3 for _, v in series(rows, "train/noise_level"))
 
 
-def _snapshot(trainer, module) -> dict:
-    opt = trainer.optimizers[0].state_dict()
-    return {
-        "step": int(module.step),
-        "net": {k: v.clone() for k, v in module.net.state_dict().items()},
-        "ema": {k: v.clone() for k, v in module.ema.state_dict().items()},
-        "opt": {i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for i, s in opt["state"].items()},
-        "sched": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
-        "lowres": module.lowres_std.clone(),
-    }  # fmt: skip
-
-
 def test_rerun_resumes_sr_exactly(tmp_path: Path, resume_probe):
-    probe = resume_probe(_snapshot)
+    probe = resume_probe(resume_snapshot)
     common = ["trainer.checkpoint_every=1000", "sr.0.preview_every=0"]
     recipe = sr_encoded(tmp_path, "sr.0.max_steps=2", *common)
     first = train_sr(recipe, 1, progress=False, callbacks=[probe.callback("end")])
@@ -177,7 +165,8 @@ def test_rerun_resumes_sr_exactly(tmp_path: Path, resume_probe):
     for i in end["opt"]:
         for k in end["opt"][i]:
             torch.testing.assert_close(start["opt"][i][k], end["opt"][i][k], rtol=0, atol=0)
-    torch.testing.assert_close(start["lowres"], end["lowres"], rtol=0, atol=0)
+    assert set(end["stats"]) == {"latent_std", "lowres_std"}
+    torch.testing.assert_close(start["stats"], end["stats"], rtol=0, atol=0)
 
 
 def test_train_base_refuses_text_states_of_another_encoder(tmp_path: Path):

@@ -38,7 +38,6 @@ from walt_cli.systems.common import (
     DiffusionSystem,
     build_network,
     check_text_states,
-    denoiser_rows,
     section_kwargs,
     stage_fps,
 )
@@ -195,28 +194,7 @@ class BaseSystem(DiffusionSystem):
                 )
         else:
             z = batch["latent"]
-        z0 = self.normalize(z)
-        net = self.net
-        labels = None
-        if net.num_classes:
-            labels = batch["label"].long()
-            if bool((labels >= net.num_classes).any()):
-                raise WaltError(
-                    f"the data has class label {int(labels.max())} but base.num_classes is "
-                    f"{net.num_classes}"
-                )
-            labels = labels.clamp(min=Conditioning.NULL_LABEL)  # unlabelled (-1): the null class
-        text = text_mask = None
-        if net.text_dim:
-            if "text" not in batch:
-                raise WaltError(
-                    "base.text_dim is set but the latents hold no text embeddings; encode "
-                    "captions into the shards (or set base.text_dim=null)"
-                )
-            text, text_mask = batch["text"], batch["text_mask"]
-        return z0, Conditioning(
-            labels=labels, text=text, text_mask=text_mask, is_image=batch["is_image"]
-        )
+        return self.normalize(z), self.conditioning(batch)
 
     def compute_loss(self, batch: dict):
         z0, cond = self.prepare(batch)
@@ -399,6 +377,42 @@ def _preview_spec(recipe, items: list[dict], collate, num_classes: int) -> Previ
     return spec
 
 
+def shard_loader(recipe, train_set, batch_size: int):
+    """(DataLoader over latent shards, a one-line description): shuffled, or drawing packs of
+    images at `data.image_ratio` (`joint_sampler`), batched by `collate_latents`."""
+    from torch.utils.data import DataLoader
+
+    t, d = recipe.trainer, recipe.data
+    is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
+    g = torch.Generator().manual_seed(t.seed)
+    sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=g if sampler is None else None,
+        drop_last=len(train_set) >= batch_size,
+        num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0,
+        collate_fn=collate_latents,
+    )
+    n_img = sum(is_image)
+    source = (
+        f"{train_set.folder}: {len(train_set) - n_img} videos + {n_img} image packs"
+        f", image share {d.image_ratio:g}"
+    )
+    return loader, source
+
+
+def preview_source(root: Path, train_set):
+    """The encoded val split under `root` when there is one, else the training shards."""
+    from walt_cli.data.latents import LatentShards
+
+    val_dir = root / "val"
+    return LatentShards(val_dir) if (val_dir / "index.jsonl").is_file() else train_set
+
+
 def _first_items(dataset, n: int) -> list[dict]:
     items = []
     for i in range(min(len(dataset), 4 * n)):
@@ -422,7 +436,6 @@ def train_base(
     Rerunning resumes from `runs/<name>/base/last.ckpt` (weights, EMA, optimizer, scheduler,
     step counter, guard state, latent statistics).
     """
-    from torch.utils.data import DataLoader
 
     from walt_cli.config import save_recipe
     from walt_cli.console import resolve_device
@@ -488,28 +501,8 @@ def train_base(
         tok_hash = stats["tokenizer"]
         first = train_set[0]["latent"]
         channels, latent_size = first.shape[0], tuple(first.shape[1:])
-        is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
-        g = torch.Generator().manual_seed(t.seed)
-        sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
-        train_loader = DataLoader(
-            train_set,
-            batch_size=batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=g if sampler is None else None,
-            drop_last=len(train_set) >= batch_size,
-            num_workers=t.num_workers,
-            persistent_workers=t.num_workers > 0,
-            collate_fn=collate_latents,
-        )
-        n_img = sum(is_image)
-        source = (
-            f"{root / 'train'}: {len(train_set) - n_img} videos + {n_img} image packs"
-            f", image share {d.image_ratio:g}"
-        )
-        val_dir = root / "val"
-        preview_src = LatentShards(val_dir) if (val_dir / "index.jsonl").is_file() else train_set
-        preview_items = _first_items(preview_src, b.preview_samples)
+        train_loader, source = shard_loader(recipe, train_set, batch_size)
+        preview_items = _first_items(preview_source(root, train_set), b.preview_samples)
         collate_items = collate_latents
         if b.num_classes:
             top = max(
@@ -543,34 +536,23 @@ def train_base(
         fps=stage_fps(d),
         text_encoder=text_encoder,
     )
-    main_process = run_stage(
+    return run_stage(
         recipe,
         system,
         train_loader,
         stage_dir=stage_dir,
         resume=resume,
         title=f"walt train-base: {recipe.name}",
-        rows=lambda trainer: _table_rows(
-            recipe, net, trainer, latent_size, channels, stats, source, resume, spec
-        ),
+        section=b,
+        table=_table(recipe, latent_size, channels, stats, source, resume, spec),
         callbacks=callbacks,
         progress=progress,
         console=console,
     )
-    return {
-        "step": int(system.step),
-        "skipped_steps": system.guard.skipped,
-        "checkpoint": str(stage_dir / "last.ckpt"),
-        "weights": str(stage_dir / BASE_FILE),
-        "metrics": str(stage_dir / "metrics.csv"),
-        "previews": str(stage_dir / "previews"),
-        "resumed": resume is not None,
-        "main_process": main_process,
-        "parameters": net.num_parameters,
-    }
 
 
-def _table_rows(recipe, net: WALT, trainer, latent_size, channels, stats, source, resume, spec):
+def _table(recipe, latent_size, channels, stats, source, resume, spec) -> dict:
+    """What the start-up table says about this base run (`common.denoiser_rows`)."""
     b = recipe.base
     conditions = [
         f"{b.num_classes} classes" if b.num_classes else "",
@@ -586,11 +568,7 @@ def _table_rows(recipe, net: WALT, trainer, latent_size, channels, stats, source
         if spec
         else "off"
     )
-    return denoiser_rows(
-        recipe,
-        b,
-        net,
-        trainer,
+    return dict(
         latent_size=latent_size,
         channels=channels,
         stats=stats,

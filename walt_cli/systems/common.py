@@ -344,10 +344,12 @@ class DiffusionSystem(L.LightningModule):
         tokenizer=None,
         fps: float = 8.0,
         text_encoder: dict | None = None,
+        section: str = "base",
     ) -> None:
         super().__init__()
         from walt_cli.diffusion.schedules import make_schedule
 
+        self.section = section  # the recipe key this stage reads (for messages)
         self.automatic_optimization = False
         self.net = net
         self.ema = ema_model(net, ema_decay) if ema else None
@@ -387,6 +389,33 @@ class DiffusionSystem(L.LightningModule):
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return denormalize(z, self.latent_mean, self.latent_std)
+
+    def conditioning(self, batch: dict):
+        """The `Conditioning` of a batch of latents: class labels (unlabelled -1 = the null
+        class), text states + mask from the shards, is_image."""
+        from walt_cli.models.transformer import Conditioning
+
+        net = self.net
+        labels = None
+        if net.num_classes:
+            labels = batch["label"].long()
+            if bool((labels >= net.num_classes).any()):
+                raise WaltError(
+                    f"the data has class label {int(labels.max())} but {self.section}.num_classes "
+                    f"is {net.num_classes}"
+                )
+            labels = labels.clamp(min=Conditioning.NULL_LABEL)
+        text = text_mask = None
+        if net.text_dim:
+            if "text" not in batch:
+                raise WaltError(
+                    f"{self.section}.text_dim is set but the latents hold no text embeddings; set "
+                    f"text_encoder in the recipe and re-encode (or set {self.section}.text_dim=null)"
+                )
+            text, text_mask = batch["text"], batch["text_mask"]
+        return Conditioning(
+            labels=labels, text=text, text_mask=text_mask, is_image=batch["is_image"]
+        )
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -541,14 +570,16 @@ def run_stage(
     stage_dir: Path,
     resume: Path | None,
     title: str,
-    rows: Callable[[Any], list[tuple[str, Any]]],
+    section,
+    table: dict[str, Any],
     callbacks: list | None = None,
     progress: bool = True,
     console=None,
-) -> bool:
+) -> dict[str, Any]:
     """Fit a diffusion stage: last.ckpt every `trainer.checkpoint_every` steps (exporting the
-    weights each time), the start-up table `rows(trainer)` on the main process, resume from
-    `resume`. Returns whether this is the main process (DDP runs one per device)."""
+    weights each time), the start-up table (`denoiser_rows(recipe, section, ..., **table)`) on
+    the main process, resume from `resume`. Returns the run's summary (`main_process`: whether
+    this is the process that reports, DDP running one per device)."""
     from lightning.pytorch.utilities import rank_zero_only
 
     checkpoint = StepCheckpoint(
@@ -564,9 +595,20 @@ def run_stage(
     )
     main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
     if console is not None and main_process:
-        console.print(startup_table(title, rows(trainer)))
+        rows = denoiser_rows(recipe, section, system.net, trainer, **table)
+        console.print(startup_table(title, rows))
     fit(trainer, system, train_loader, resume=resume)
-    return main_process
+    return {
+        "step": int(system.step),
+        "skipped_steps": system.guard.skipped,
+        "checkpoint": str(stage_dir / "last.ckpt"),
+        "weights": str(stage_dir / system.export_file),
+        "metrics": str(stage_dir / "metrics.csv"),
+        "previews": str(stage_dir / "previews"),
+        "resumed": resume is not None,
+        "main_process": main_process,
+        "parameters": system.net.num_parameters,
+    }
 
 
 def denoiser_rows(

@@ -32,7 +32,6 @@ from walt_cli.systems.common import (
     DiffusionSystem,
     build_network,
     check_text_states,
-    denoiser_rows,
     normalize,
     section_kwargs,
     stage_fps,
@@ -66,7 +65,7 @@ class SRSystem(DiffusionSystem):
         preview_batch: dict | None = None,
         **shared: Any,
     ) -> None:
-        super().__init__(net, **shared)
+        super().__init__(net, section=f"sr[{int(stage) - 1}]", **shared)
         if not net.lowres_factor or net.noise_embed is None:
             raise WaltError("an SR stage needs a network built with lowres_factor and noise level")
         self.stage, self.factor = int(stage), int(factor)
@@ -94,24 +93,8 @@ class SRSystem(DiffusionSystem):
         z_lr, t_sr = noise_augment(
             z_lr, self.schedule, self.t_max, level=fixed, generator=generator
         )
-        text = text_mask = None
-        if self.net.text_dim:
-            if "text" not in batch:
-                raise WaltError(
-                    f"sr[{self.stage - 1}].text_dim is set but the latent pairs hold no text "
-                    "states; set text_encoder in the recipe and re-encode (or set text_dim=null)"
-                )
-            text, text_mask = batch["text"], batch["text_mask"]
-        labels = None
-        if self.net.num_classes:
-            labels = batch["label"].long().clamp(min=Conditioning.NULL_LABEL)
-        cond = Conditioning(
-            labels=labels,
-            text=text,
-            text_mask=text_mask,
-            is_image=batch["is_image"],
-            noise_level=t_sr,
-        )
+        cond = self.conditioning(batch)
+        cond.noise_level = t_sr
         return z0, z_lr, cond
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
@@ -247,12 +230,11 @@ def train_sr(
 ) -> dict[str, Any]:
     """Train (or resume) SR stage `stage` (1-based) of the recipe; returns a summary dict."""
     import lightning as L
-    from torch.utils.data import DataLoader
 
     from walt_cli.config import save_recipe
     from walt_cli.data.latents import LatentShards, file_hash, load_stats
     from walt_cli.models.tokenizer import CausalVideoTokenizer
-    from walt_cli.systems.base import _first_items, collate_latents, joint_sampler
+    from walt_cli.systems.base import _first_items, collate_latents, preview_source, shard_loader
     from walt_cli.systems.common import last_checkpoint, run_stage
     from walt_cli.systems.encode import check_stage, tokenizer_path
 
@@ -296,25 +278,10 @@ def train_sr(
             f"{root}: low-res latents {low_size} are not the latents {latent_size} / factor "
             f"{s.factor}; re-encode with `walt tokenize encode RECIPE --sr {stage}`"
         )
-    batch_size = s.batch_size or d.batch_size
-    is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
-    g = torch.Generator().manual_seed(t.seed)
-    sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=g if sampler is None else None,
-        drop_last=len(train_set) >= batch_size,
-        num_workers=t.num_workers,
-        persistent_workers=t.num_workers > 0,
-        collate_fn=collate_latents,
-    )
+    train_loader, source = shard_loader(recipe, train_set, s.batch_size or d.batch_size)
     preview_batch = None
     if s.preview_every:
-        val_dir = root / "val"
-        src = LatentShards(val_dir) if (val_dir / "index.jsonl").is_file() else train_set
+        src = preview_source(root, train_set)
         items = [it for it in _first_items(src, s.preview_samples) if not it.get("is_image")]
         preview_batch = collate_latents(items[: s.preview_samples]) if items else None
 
@@ -342,8 +309,6 @@ def train_sr(
         fps=stage_fps(d),
         text_encoder=text_encoder,
     )
-    n_img = sum(is_image)
-    source = f"{root / 'train'}: {len(train_set) - n_img} videos + {n_img} image packs"
     conditions = [
         f"low-res latent {low_size} x{s.factor} (depth-to-space)",
         f"noise augmentation t_sr ~ U(0, {s.t_max:g}) (sampling {s.sample_noise_level:g})",
@@ -357,18 +322,15 @@ def train_sr(
         if preview_batch is not None
         else "off"
     )
-    main_process = run_stage(
+    return run_stage(
         recipe,
         system,
         train_loader,
         stage_dir=stage_dir,
         resume=resume,
         title=f"walt train-sr: {recipe.name} stage {stage}",
-        rows=lambda trainer: denoiser_rows(
-            recipe,
-            s,
-            net,
-            trainer,
+        section=s,
+        table=dict(
             latent_size=latent_size,
             channels=channels,
             stats=stats,
@@ -382,14 +344,3 @@ def train_sr(
         progress=progress,
         console=console,
     )
-    return {
-        "step": int(system.step),
-        "skipped_steps": system.guard.skipped,
-        "checkpoint": str(stage_dir / "last.ckpt"),
-        "weights": str(stage_dir / sr_file(stage)),
-        "metrics": str(stage_dir / "metrics.csv"),
-        "previews": str(stage_dir / "previews"),
-        "resumed": resume is not None,
-        "main_process": main_process,
-        "parameters": net.num_parameters,
-    }
