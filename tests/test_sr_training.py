@@ -256,3 +256,35 @@ def test_pack_captions_get_one_state_per_image_and_shards_mix_them():
     texts, masks = per_frame_text([videos, packs], [vmask, pmask], 3)
     assert texts[0].shape == (2, 3, 3, 4) and torch.equal(texts[0][:, 1], videos)
     assert masks[0].shape == (2, 3, 3)
+
+
+def test_init_from_resizes_trained_weights_to_the_new_grid(tmp_path: Path):
+    """base.init_from (the 9:16 fine-tune): weights of a 3x4x4 model start a 3x4x6 one."""
+    from walt_cli.systems.base import BaseSystem, init_weights
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=0, text_dim=None, depth=2, spatial_window=(4, 4), st_window=(2, 2))
+    source = WALT.from_preset("tiny", latent_size=(3, 4, 4), **kw)
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    source.save(tmp_path / "square.safetensors")
+    target = WALT.from_preset("tiny", latent_size=(3, 4, 6), **{**kw, "spatial_window": (4, 6)})
+    init_weights(target, tmp_path / "square.safetensors")
+    own, src = target.state_dict(), source.state_dict()
+    mlp = [k for k in src if k.startswith("blocks.0.mlp")]
+    assert mlp and all(torch.equal(own[k], src[k]) for k in mlp)  # untouched by the resize
+    resized = [k for k in src if own[k].shape != src[k].shape]
+    assert resized  # position tables moved to the wider grid
+    with pytest.raises(WaltError, match="another architecture"):
+        init_weights(WALT.from_preset("tiny", latent_size=(3, 4, 6), **{**kw, "depth": 3}),
+                     tmp_path / "square.safetensors")  # fmt: skip
+    with pytest.raises(WaltError, match="base.init_from: file not found"):
+        init_weights(target, tmp_path / "missing.safetensors")
+
+    system = BaseSystem(
+        target, stage_dir=str(tmp_path), latent_mean=[0.0] * 8, latent_std=[1.0] * 8,
+        tokenizer_hash="x", max_steps=100, warmup_steps=10, lr_schedule="constant",
+    )  # fmt: skip
+    [opt], [sched] = system.configure_optimizers()
+    factors = [sched.lr_lambdas[0](s) for s in (0, 9, 10, 50, 99)]
+    assert factors == [pytest.approx(0.1), 1.0, 1.0, 1.0, 1.0]
