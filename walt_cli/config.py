@@ -482,8 +482,8 @@ def stage_resolution(recipe: Recipe, stage: int) -> list[int]:
 
 
 def _validate_sr(recipe: Recipe, source: str) -> None:
-    """Each SR stage: its own checks, and a resolution that is the previous stage's (the base's
-    data.resolution for stage 1) times its factor."""
+    """Each SR stage's own checks (the chain of resolutions is checked by the commands that use
+    a stage, `check_sr_chain`, so that overriding data.resolution for another command works)."""
     for i, sr in enumerate(recipe.sr):
         key = f"sr[{i}]"
         _validate_denoiser(sr, key, source)
@@ -496,21 +496,27 @@ def _validate_sr(recipe: Recipe, source: str) -> None:
             f"must be [height, width], multiples of {SPATIAL_FACTOR} x factor {sr.factor}, "
             f"got {list(sr.resolution)}",
         )
-        previous = stage_resolution(recipe, i)
-        want = [s * sr.factor for s in previous]
-        _check(
-            list(sr.resolution) == want,
-            source,
-            f"{key}.resolution",
-            f"{list(sr.resolution)} is not the previous stage's {previous} x factor {sr.factor} "
-            f"= {want}",
-        )
         _check(0.0 <= sr.t_max <= 1.0, source, f"{key}.t_max", f"must be in [0, 1], got {sr.t_max}")
         _check(
             0.0 <= sr.sample_noise_level <= 1.0,
             source,
             f"{key}.sample_noise_level",
             f"must be in [0, 1], got {sr.sample_noise_level}",
+        )
+
+
+def check_sr_chain(recipe: Recipe, stage: int, source: str = "recipe") -> None:
+    """SR stages 1..`stage`: each one's resolution is the previous stage's (the base's
+    data.resolution for stage 1) times its factor."""
+    for i, sr in enumerate(recipe.sr[:stage]):
+        previous = stage_resolution(recipe, i)
+        want = [s * sr.factor for s in previous]
+        _check(
+            list(sr.resolution) == want,
+            source,
+            f"sr[{i}].resolution",
+            f"{list(sr.resolution)} is not the previous stage's {previous} x factor {sr.factor} "
+            f"= {want}",
         )
 
 

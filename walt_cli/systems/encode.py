@@ -267,11 +267,15 @@ def stage_data(recipe, sr: int = 0):
 
 
 def check_stage(recipe, stage: int, flag: str = "--stage") -> None:
-    """One line when the recipe has no SR stage `stage` (1-based)."""
+    """One line when the recipe has no SR stage `stage` (1-based) or its resolutions do not
+    chain (each stage's is the previous one's times its factor)."""
     n = len(recipe.sr)
     if not 1 <= stage <= n:
         have = f"stages 1..{n}" if n else "no sr stages"
         raise WaltError(f"{flag} {stage}: the recipe has {have} (its `sr` list)")
+    from walt_cli.config import check_sr_chain
+
+    check_sr_chain(recipe, stage)
 
 
 def load_text_encoder(recipe):
