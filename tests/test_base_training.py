@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import TINY, read_metrics, series, tiny
+from training_helpers import TINY, read_metrics, resume_snapshot, series, tiny
 
 from walt_cli.data.latents import LatentShards, file_hash, read_shard_info, write_shard
 from walt_cli.data.video import write_image
@@ -134,22 +134,10 @@ def test_trains_on_a_joint_image_video_batch(tmp_path: Path, image_folder: Path)
     assert about["tiles"][0]["class"] == "circle moving left"  # shapes' class names
 
 
-def _snapshot(trainer, module) -> dict:
-    opt = trainer.optimizers[0].state_dict()
-    return {
-        "step": int(module.step),
-        "net": {k: v.clone() for k, v in module.net.state_dict().items()},
-        "ema": {k: v.clone() for k, v in module.ema.state_dict().items()},
-        "opt": {i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for i, s in opt["state"].items()},
-        "sched": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
-        "stats": module.latent_std.clone(),
-    }  # fmt: skip
-
-
 def test_rerun_resumes_with_the_same_weights_optimizer_and_ema(tmp_path: Path, resume_probe):
     """Stop at step 3, rerun to 5: the rerun starts from the stopped run's weights, AdamW
     moments, EMA, scheduler and step, and its metrics continue the same file."""
-    probe = resume_probe(_snapshot)
+    probe = resume_probe(resume_snapshot)
     seen, first_steps = probe.seen, probe.first_steps
 
     common = ["trainer.checkpoint_every=1000", "base.preview_every=0"]

@@ -1,5 +1,6 @@
 """The shapes recipe end to end on CPU, through the command line: `walt tokenize train`, then
-`tokenize encode`, then `train-base`. Slow (a few minutes on 2 cores): `make test-all`."""
+`tokenize encode` (with MiniLM caption states), `train-base`, `tokenize encode --sr 1` and
+`train-sr --stage 1`. Slow (several minutes on 2 cores): `make test-all`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ SHAPES = REPO / "recipes" / "shapes.yaml"
 
 
 @pytest.mark.slow
-def test_shapes_recipe_tokenize_encode_train_base(cli, tmp_path: Path):
+def test_shapes_recipe_tokenize_encode_train_base_and_sr(cli, tmp_path: Path):
     common = [
         f"run_dir={tmp_path}/shapes",
         "data.shapes.num_items=64",
@@ -32,6 +33,11 @@ def test_shapes_recipe_tokenize_encode_train_base(cli, tmp_path: Path):
          "base.heads=4", "base.lr=0.002", "base.max_steps=200", "base.warmup_steps=20",
          "base.preview_every=100", "base.preview_steps=10", "base.preview_samples=4",
          "--no-progress"),
+        ("tokenize", "encode", SHAPES, *common, "--sr", "1", "--no-progress"),
+        ("tokenize", "encode", SHAPES, *common, "--sr", "1", "--split", "val", "--no-progress"),
+        ("train-sr", SHAPES, *common, "--stage", "1", "sr.0.batch_size=4", "sr.0.max_steps=20",
+         "sr.0.warmup_steps=5", "sr.0.preview_every=20", "sr.0.preview_steps=5",
+         "sr.0.preview_samples=2", "--no-progress"),
     ]  # fmt: skip
     for args in steps:
         result = cli(*args)
@@ -49,9 +55,25 @@ def test_shapes_recipe_tokenize_encode_train_base(cli, tmp_path: Path):
         video = base / "previews" / f"step-{step:07d}.mp4"
         assert video.is_file() and video.stat().st_size > 1000
         about = json.loads(video.with_suffix(".json").read_text())
-        assert about["mode"] == "class" and len(about["tiles"]) == 4
+        # frame prediction is on: real clips beside their continuations, with their captions
+        assert about["mode"] == "frames" and len(about["tiles"]) == 4
+        assert all(t["caption"] for t in about["tiles"])
     from walt_cli.data.video import read_frames
 
     frames, _ = read_frames(base / "previews" / "step-0000200.mp4")
-    # 5 latent frames decode to 17; four 64x64 tiles in a row, 2-pixel gaps (mp4 pads, never scales)
-    assert frames.shape[0] == 17 and frames.shape[1] >= 64 and frames.shape[2] >= 4 * 66 - 2
+    # 5 latent frames decode to 17; 4 rows of (real | continuation) 64x64 tiles, 2-pixel gaps
+    assert frames.shape[0] == 17 and frames.shape[1] >= 4 * 66 - 2 and frames.shape[2] >= 2 * 66 - 2
+
+    from walt_cli.models.transformer import WALT
+
+    sr = tmp_path / "shapes" / "sr1"
+    net = WALT.from_checkpoint(sr / "sr1.safetensors")
+    assert net.checkpoint_extra["resolution"] == [128, 128] and net.text_dim == 384
+    with open(sr / "metrics.csv", newline="") as f:
+        sr_losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(sr_losses) == 5 and all(0 < v < 10 for v in sr_losses)  # steps 1, 5, ..., 20
+    frames, _ = read_frames(sr / "previews" / "step-0000020.mp4")
+    # 2 rows of low-res (upsampled) | SR | truth at 128x128
+    assert (
+        frames.shape[0] == 17 and frames.shape[1] >= 2 * 130 - 2 and frames.shape[2] >= 3 * 130 - 2
+    )

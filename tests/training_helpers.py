@@ -25,3 +25,21 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
     """(step, value) of one metric, over the rows that logged it."""
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def resume_snapshot(trainer, module) -> dict:
+    """What the resume tests compare of a diffusion stage: step, weights, EMA, optimizer state,
+    scheduler and the latent statistics buffers (copies)."""
+    import torch
+
+    opt = trainer.optimizers[0].state_dict()
+    buffers = ("latent_std", "lowres_std")
+    return {
+        "step": int(module.step),
+        "net": {k: v.clone() for k, v in module.net.state_dict().items()},
+        "ema": {k: v.clone() for k, v in module.ema.state_dict().items()},
+        "opt": {i: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                for i, s in opt["state"].items()},
+        "sched": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        "stats": {b: getattr(module, b).clone() for b in buffers if hasattr(module, b)},
+    }  # fmt: skip

@@ -67,6 +67,7 @@ def _root(
 app.add_typer(data_cmds.app, name="data")
 app.add_typer(tokenize_cmds.app, name="tokenize")
 app.command("train-base")(train_cmds.train_base)
+app.command("train-sr")(train_cmds.train_sr)
 app.command("eval-fvd")(eval_cmds.eval_fvd)
 
 

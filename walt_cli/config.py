@@ -115,12 +115,9 @@ class TokenizerConfig:
 
 
 @dataclass
-class BaseConfig:
-    """`walt train-base`: the base latent transformer and its diffusion training recipe.
-
-    The latent grid (T, h, w) follows from `data` (num_frames, resolution) and the tokenizer's
-    factors; model keys left at null take the preset's value.
-    """
+class DenoiserConfig:
+    """The keys every W.A.L.T diffusion stage shares (base and SR): the network, its optimiser,
+    the diffusion training recipe and the previews. Model keys left at null take the preset's."""
 
     preset: str = "tiny"  # walt-l | walt-xl | walt-3b | tiny (models/transformer.py PRESETS)
     depth: int | None = None
@@ -131,24 +128,23 @@ class BaseConfig:
     spatial_window: list[int] | None = None  # SW window (h, w) in tokens (default: whole frame)
     st_window: list[int] | None = None  # STW window (h, w) in tokens (default: half the frame)
     num_classes: int = 0  # class-conditional with this many classes; 0 = no class labels
-    text_dim: int | None = None  # width of the precomputed text embeddings in the latent shards
+    text_dim: int | None = None  # width of the text states in the latent shards (the encoder's D)
+    cross_attention: str = "spatial"  # text cross-attention in the spatial layers or in all layers
     gradient_checkpointing: bool = False
     batch_size: int | None = None  # per device (default: data.batch_size)
-    latents: str | None = None  # latent folder (default runs/<name>/latents); "online": encode
-    stats_batches: int = 16  # online encoding: batches that the latent statistics are measured on
+    latents: str | None = None  # latent folder (default: the stage's folder under runs/<name>/)
     max_steps: int = 100_000
     optimizer: str = "adamw"  # adamw | adafactor
     lr: float = 5e-4
     warmup_steps: int = 5000
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # cosine | constant (after the warmup)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     weight_decay: float = 0.0
     ema: bool = True
     ema_decay: float = 0.9999
     grad_clip: float = 1.0  # max gradient norm (0: off)
     p_self_cond: float = 0.9  # self-conditioning rate [P §4.3, Table 3c]
-    p_frame_pred: float = 0.0  # share of samples conditioned on their first latent frames
-    num_cond_frames: list[int] = field(default_factory=lambda: [1, 2])  # latent frames to keep
     p_cond_drop: float = 0.0  # condition dropout (trains the unconditional branch of CFG)
     nan_patience: int = 10  # stop after this many non-finite losses in a row
     preview_every: int = 2000  # steps between preview videos (0: none)
@@ -158,13 +154,56 @@ class BaseConfig:
 
 
 @dataclass
+class BaseConfig(DenoiserConfig):
+    """`walt train-base`: the base latent transformer and its diffusion training recipe.
+
+    The latent grid (T, h, w) follows from `data` (num_frames, resolution) and the tokenizer's
+    factors. `latents: online` encodes pixels on the fly instead of reading shards.
+    """
+
+    stats_batches: int = 16  # online encoding: batches that the latent statistics are measured on
+    init_from: str | None = None  # start a new run from these weights (a base.safetensors), its
+    # grid resized to this run's latent grid (the paper's 128x128 -> 128x224 fine-tune, §5.3)
+    p_frame_pred: float = 0.0  # share of samples conditioned on their first latent frames
+    num_cond_frames: list[int] = field(default_factory=lambda: [1, 2])  # latent frames to keep
+
+
+@dataclass
+class SRConfig(DenoiserConfig):
+    """`walt train-sr RECIPE --stage N` reads `sr[N-1]`: one super-resolution stage [P §5.3].
+
+    It denoises the tokenizer latent of a clip at `resolution` conditioned on the latent of the
+    same clip at resolution / factor (the previous stage's output resolution), noised to a level
+    t_sr ~ U(0, t_max) that AdaLN sees. Latent pairs come from `walt tokenize encode --sr N`.
+    """
+
+    resolution: list[int] = field(default_factory=lambda: [128, 128])  # output pixels (H, W)
+    factor: int = 2  # pixel and latent upsampling factor from the previous stage
+    t_max: float = 0.25  # noise-conditioning augmentation: t_sr ~ U(0, t_max) in training
+    sample_noise_level: float = 0.1  # t_sr at sampling (and in the previews)
+
+
+@dataclass
+class TextEncoderConfig:
+    """The text encoder that turns captions into the states the denoisers cross-attend to
+    (walt_cli/models/text.py; the same keys as `TextEncoderSpec`)."""
+
+    name: str = "none"  # minilm | t5 | none
+    path: str | None = None  # t5: a local directory or a hub id already in the HF cache
+    max_length: int = 32  # tokens per caption (padded or truncated)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (T5-XL: bfloat16 on GPU)
+
+
+@dataclass
 class Recipe:
     name: str = ""  # defaults to the recipe file's stem
     run_dir: str = "runs/${name}"
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
+    sr: list[SRConfig] = field(default_factory=list)  # the cascade's stages, 1 first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +251,19 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         if "=" not in item:
             raise WaltError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            if "[" in key or any(part.isdigit() for part in key.split(".")):
+                # a key inside a list (sr.0.lr or sr[0].lr): dotlist merging would turn the
+                # list into a mapping, so the value is set in place
+                value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+                OmegaConf.update(cfg, key, value, merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _merge_error(f"override {item!r}", err) from None
+        except (IndexError, KeyError, ValueError, TypeError) as err:
+            raise WaltError(f"override {item!r}: {err}") from None
     if not cfg.name:
         cfg.name = path.stem
     try:
@@ -362,6 +410,8 @@ def validate(recipe: Recipe, *, source: str) -> None:
         "shard_size and encode_batch_size must be >= 1",
     )
     _validate_base(recipe.base, source)
+    _validate_sr(recipe, source)
+    _validate_text_encoder(recipe, source)
     t = recipe.trainer
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
@@ -369,66 +419,141 @@ def validate(recipe: Recipe, *, source: str) -> None:
     _check(t.checkpoint_every >= 1, source, "trainer.checkpoint_every", "must be >= 1")
 
 
-def _validate_base(b: BaseConfig, source: str) -> None:
+def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
+    """The checks every diffusion stage shares; `key` is its recipe path (base, sr[0], ...)."""
     from walt_cli.models.transformer import PRESETS
 
-    _check(
-        b.preset in PRESETS,
-        source,
-        "base.preset",
-        f"must be one of {', '.join(PRESETS)}, got {b.preset!r}",
-    )
-    for key in ("depth", "width", "heads", "patch_size"):
-        value = getattr(b, key)
-        _check(value is None or value >= 1, source, f"base.{key}", f"must be >= 1, got {value}")
-    _check(
-        b.adaln_lora_rank is None or b.adaln_lora_rank >= 0,
-        source,
-        "base.adaln_lora_rank",
-        "must be >= 0",
-    )
-    for key in ("spatial_window", "st_window"):
-        value = getattr(b, key)
-        _check(
+    def check(ok: bool, sub: str, message: str) -> None:
+        _check(ok, source, f"{key}.{sub}", message)
+
+    check(b.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {b.preset!r}")
+    for sub in ("depth", "width", "heads", "patch_size"):
+        value = getattr(b, sub)
+        check(value is None or value >= 1, sub, f"must be >= 1, got {value}")
+    check(b.adaln_lora_rank is None or b.adaln_lora_rank >= 0, "adaln_lora_rank", "must be >= 0")
+    for sub in ("spatial_window", "st_window"):
+        value = getattr(b, sub)
+        check(
             value is None or (len(value) == 2 and min(value) >= 1),
-            source,
-            f"base.{key}",
+            sub,
             f"must be [height, width] in tokens, got {None if value is None else list(value)}",
         )
-    _check(b.num_classes >= 0, source, "base.num_classes", "must be >= 0")
-    _check(b.batch_size is None or b.batch_size >= 1, source, "base.batch_size", "must be >= 1")
-    _check(b.text_dim is None or b.text_dim >= 1, source, "base.text_dim", "must be >= 1 (or null)")
-    _check(
+    check(b.num_classes >= 0, "num_classes", "must be >= 0")
+    check(b.batch_size is None or b.batch_size >= 1, "batch_size", "must be >= 1")
+    check(b.text_dim is None or b.text_dim >= 1, "text_dim", "must be >= 1 (or null)")
+    check(
+        b.cross_attention in ("spatial", "all"),
+        "cross_attention",
+        f"must be spatial or all, got {b.cross_attention!r}",
+    )
+    check(
         b.optimizer in ("adamw", "adafactor"),
-        source,
-        "base.optimizer",
+        "optimizer",
         f"must be adamw or adafactor, got {b.optimizer!r}",
     )
-    _check(len(b.betas) == 2, source, "base.betas", f"must be [beta1, beta2], got {list(b.betas)}")
-    _check(
-        b.max_steps >= 1 and b.warmup_steps >= 0,
-        source,
-        "base.max_steps",
-        "must be >= 1 (warmup >= 0)",
+    check(len(b.betas) == 2, "betas", f"must be [beta1, beta2], got {list(b.betas)}")
+    check(b.max_steps >= 1 and b.warmup_steps >= 0, "max_steps", "must be >= 1 (warmup >= 0)")
+    check(b.lr > 0, "lr", f"must be positive, got {b.lr}")
+    check(
+        b.lr_schedule in ("cosine", "constant"),
+        "lr_schedule",
+        f"must be cosine or constant, got {b.lr_schedule!r}",
     )
-    _check(b.lr > 0, source, "base.lr", f"must be positive, got {b.lr}")
-    _check(0.0 <= b.ema_decay < 1.0, source, "base.ema_decay", "must be in [0, 1)")
-    for key in ("p_self_cond", "p_frame_pred", "p_cond_drop"):
-        value = getattr(b, key)
-        _check(0.0 <= value <= 1.0, source, f"base.{key}", f"must be in [0, 1], got {value}")
+    check(0.0 <= b.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+    for sub in ("p_self_cond", "p_cond_drop"):
+        value = getattr(b, sub)
+        check(0.0 <= value <= 1.0, sub, f"must be in [0, 1], got {value}")
+    check(b.nan_patience >= 1, "nan_patience", "must be >= 1")
+    check(
+        b.preview_every >= 0 and b.preview_samples >= 1 and b.preview_steps >= 1,
+        "preview_every",
+        "preview_every must be >= 0, preview_samples and preview_steps >= 1",
+    )
+
+
+def _validate_base(b: BaseConfig, source: str) -> None:
+    _validate_denoiser(b, "base", source)
+    _check(
+        0.0 <= b.p_frame_pred <= 1.0,
+        source,
+        "base.p_frame_pred",
+        f"must be in [0, 1], got {b.p_frame_pred}",
+    )
     _check(
         len(b.num_cond_frames) >= 1 and min(b.num_cond_frames) >= 1,
         source,
         "base.num_cond_frames",
         f"must list latent frame counts >= 1, got {list(b.num_cond_frames)}",
     )
-    _check(b.nan_patience >= 1, source, "base.nan_patience", "must be >= 1")
     _check(b.stats_batches >= 1, source, "base.stats_batches", "must be >= 1")
+
+
+def stage_resolution(recipe: Recipe, stage: int) -> list[int]:
+    """Output pixels (H, W) of cascade stage `stage` (0 = the base, N = sr[N-1])."""
+    return list(recipe.data.resolution if stage == 0 else recipe.sr[stage - 1].resolution)
+
+
+def _validate_sr(recipe: Recipe, source: str) -> None:
+    """Each SR stage's own checks (the chain of resolutions is checked by the commands that use
+    a stage, `check_sr_chain`, so that overriding data.resolution for another command works)."""
+    for i, sr in enumerate(recipe.sr):
+        key = f"sr[{i}]"
+        _validate_denoiser(sr, key, source)
+        _check(sr.factor >= 2, source, f"{key}.factor", f"must be >= 2, got {sr.factor}")
+        _check(
+            len(sr.resolution) == 2
+            and all(s > 0 and s % (SPATIAL_FACTOR * sr.factor) == 0 for s in sr.resolution),
+            source,
+            f"{key}.resolution",
+            f"must be [height, width], multiples of {SPATIAL_FACTOR} x factor {sr.factor}, "
+            f"got {list(sr.resolution)}",
+        )
+        _check(0.0 <= sr.t_max <= 1.0, source, f"{key}.t_max", f"must be in [0, 1], got {sr.t_max}")
+        _check(
+            0.0 <= sr.sample_noise_level <= 1.0,
+            source,
+            f"{key}.sample_noise_level",
+            f"must be in [0, 1], got {sr.sample_noise_level}",
+        )
+
+
+def check_sr_chain(recipe: Recipe, stage: int, source: str = "recipe") -> None:
+    """SR stages 1..`stage`: each one's resolution is the previous stage's (the base's
+    data.resolution for stage 1) times its factor."""
+    for i, sr in enumerate(recipe.sr[:stage]):
+        previous = stage_resolution(recipe, i)
+        want = [s * sr.factor for s in previous]
+        _check(
+            list(sr.resolution) == want,
+            source,
+            f"sr[{i}].resolution",
+            f"{list(sr.resolution)} is not the previous stage's {previous} x factor {sr.factor} "
+            f"= {want}",
+        )
+
+
+def _validate_text_encoder(recipe: Recipe, source: str) -> None:
+    from walt_cli.models.text import DTYPES, ENCODERS
+
+    e = recipe.text_encoder
     _check(
-        b.preview_every >= 0 and b.preview_samples >= 1 and b.preview_steps >= 1,
+        e.name in ENCODERS,
         source,
-        "base.preview_every",
-        "preview_every must be >= 0, preview_samples and preview_steps >= 1",
+        "text_encoder.name",
+        f"unknown encoder {e.name!r}; choose one of {', '.join(ENCODERS)}",
+    )
+    _check(
+        e.dtype in DTYPES,
+        source,
+        "text_encoder.dtype",
+        f"must be one of {', '.join(DTYPES)}, got {e.dtype!r}",
+    )
+    _check(e.max_length >= 1, source, "text_encoder.max_length", "must be >= 1")
+    _check(
+        e.name != "t5" or bool(e.path),
+        source,
+        "text_encoder.path",
+        "name a T5 encoder: a local directory or a hub id already in the Hugging Face cache",
     )
 
 

@@ -208,6 +208,12 @@ def encode(
         show_default=False,
     ),
     split: str = typer.Option("train", "--split", help="Which split to encode: train or val."),
+    sr: int = typer.Option(
+        0,
+        "--sr",
+        help="Encode the training pairs of SR stage N (clip at sr[N-1].resolution + the same "
+        "clip downsampled by its factor) into latents/srN/; 0 = the base model's latents.",
+    ),
     device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:1."),
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
@@ -217,9 +223,11 @@ def encode(
 
     Writes runs/<name>/latents/<split>/: shard-NNNNN.safetensors (memory-mappable), index.jsonl
     (label, caption, source, start, frames per clip) and stats.json (per-channel mean/std keyed
-    by the tokenizer's hash). Rerunning skips the shards already written.
+    by the tokenizer's hash). With a `text_encoder` in the recipe the shards also hold each
+    caption's text states. `--sr N` writes SR stage N's pairs to latents/srN/<split>/. Rerunning
+    skips the shards already written.
 
-    Example: walt tokenize encode recipes/shapes.yaml --split val
+    Example: walt tokenize encode recipes/shapes.yaml --split val ; ... --sr 1
     """
     from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
@@ -230,7 +238,9 @@ def encode(
         raise WaltError(f"--split {split!r}: use train or val")
     setup_logging()
     r = load_recipe(recipe, list(overrides or []))
-    summary = encode_dataset(r, split=split, device=device, progress=progress_bar, console=console)
+    summary = encode_dataset(
+        r, split=split, device=device, progress=progress_bar, console=console, sr=sr
+    )
     console.print(
         f"{summary['clips']} clips in {summary['shards']} shards ({summary['skipped_shards']} "
         f"already done) -> [bold]{summary['folder']}[/]; latent mean "

@@ -1,4 +1,5 @@
-"""`walt train-base`: the base latent transformer (W.A.L.T's second stage).
+"""`walt train-base` and `walt train-sr`: the base latent transformer (W.A.L.T's second stage)
+and the super-resolution stages of the cascade.
 
 Torch and Lightning are imported inside the command, so `walt --help` stays instant.
 """
@@ -39,8 +40,13 @@ def train_base(
     setup_logging()
     r = load_recipe(recipe, list(overrides or []))
     summary = run(r, progress=progress_bar, console=console)
-    if not summary["main_process"]:
-        return
+    if summary["main_process"]:
+        _report(summary)
+
+
+def _report(summary: dict) -> None:
+    from walt_cli.console import console
+
     console.print(
         f"step {summary['step']}: weights [bold]{summary['weights']}[/], state "
         f"{summary['checkpoint']}, metrics {summary['metrics']}, previews {summary['previews']}"
@@ -51,3 +57,40 @@ def train_base(
         ),
         soft_wrap=True,
     )
+
+
+def train_sr(
+    recipe: Path = typer.Argument(
+        ..., help="Recipe YAML (its `data`, `trainer` and `sr` sections).", show_default=False
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        help="key.path=value overrides, e.g. sr.0.max_steps=2000 sr.0.batch_size=8.",
+        show_default=False,
+    ),
+    stage: int = typer.Option(
+        ..., "--stage", help="Which SR stage to train: 1 (reads sr[0]), 2, ...", show_default=False
+    ),
+    progress_bar: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show the Rich progress bar."
+    ),
+) -> None:
+    """Train super-resolution stage N of the cascade (noise-conditioning augmentation, EMA);
+    rerun to resume.
+
+    Reads the latent pairs of `walt tokenize encode RECIPE --sr N` (runs/<name>/latents/srN/).
+    Writes runs/<name>/srN/: last.ckpt (full training state), srN.safetensors (EMA weights +
+    config + latent statistics of both resolutions), metrics.csv and previews/ (low-res input |
+    SR output | ground truth).
+
+    Example: walt train-sr recipes/shapes.yaml --stage 1 sr.0.max_steps=2000
+    """
+    from walt_cli.config import load_recipe
+    from walt_cli.console import console, setup_logging
+    from walt_cli.systems.sr import train_sr as run
+
+    setup_logging()
+    r = load_recipe(recipe, list(overrides or []))
+    summary = run(r, stage, progress=progress_bar, console=console)
+    if summary["main_process"]:
+        _report(summary)

@@ -2,11 +2,15 @@
 
 Layout of `runs/<name>/latents/<split>/`:
 
-    shard-00000.safetensors   `latents` (N, c, 1 + t, h, w) float32, optional `text` (N, L, D) and
-                              `text_mask` (N, L); metadata: the rows' index entries, per-channel
-                              sums for the statistics, the tokenizer hash
+    shard-00000.safetensors   `latents` (N, c, 1 + t, h, w) float32, optional `text` (N, L, D)
+                              (or (N, T, L, D) with one caption per packed image) and `text_mask`,
+                              optional `lowres` (N, c, 1 + t, h/f, w/f): an SR stage's input, the
+                              same clip downsampled f x; metadata: the rows' index entries,
+                              per-channel sums for the statistics, the tokenizer and text-encoder
+                              hashes
     index.jsonl               one line per clip: shard, row, label, caption, source, start, frames
-    stats.json                per-channel latent mean and std, keyed by the tokenizer's hash
+    stats.json                per-channel latent mean and std (and `lowres` ones), keyed by the
+                              tokenizer's hash, and the text encoder that wrote the states
 
 Shards are safetensors, so readers memory-map them (nothing is unpickled). A shard is written to
 a temporary name and renamed when complete, so an interrupted run leaves only whole shards, and
@@ -51,6 +55,8 @@ class ShardInfo:
     channel_sum: list[float]
     channel_sumsq: list[float]
     channel_count: int  # values per channel in the shard
+    text_encoder: str | None = None  # hash of the encoder that wrote `text` (None: no text)
+    lowres: ShardInfo | None = None  # the moments of the `lowres` latents (SR stages)
 
 
 def channel_moments(latents: torch.Tensor, *, rows: list[dict], tokenizer: str) -> ShardInfo:
@@ -73,8 +79,12 @@ def write_shard(
     tokenizer: str,
     text: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
+    text_encoder: str | None = None,
+    lowres: torch.Tensor | None = None,
 ) -> None:
-    """Write one shard atomically. latents: (N, c, t, h, w); rows: one index entry per clip."""
+    """Write one shard atomically. latents: (N, c, t, h, w); rows: one index entry per clip;
+    text (N, [T,] L, D) + text_mask from the encoder whose hash is `text_encoder`; lowres
+    (N, c, t, h/f, w/f) for an SR stage."""
     from safetensors.torch import save_file
 
     if latents.shape[0] != len(rows):
@@ -93,6 +103,13 @@ def write_shard(
         tensors["text"] = text.detach().float().cpu().contiguous()
         if text_mask is not None:
             tensors["text_mask"] = text_mask.detach().to(torch.bool).cpu().contiguous()
+        if text_encoder is not None:
+            meta["walt.text_encoder"] = text_encoder
+    if lowres is not None:
+        low = lowres.detach().float().cpu().contiguous()
+        tensors["lowres"] = low
+        m = channel_moments(low, rows=rows, tokenizer=tokenizer)
+        meta["walt.lowres_moments"] = json.dumps([m.channel_sum, m.channel_sumsq, m.channel_count])
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -108,17 +125,39 @@ def read_shard_info(path: Path) -> ShardInfo:
         raise WaltError(f"{path}: not a readable latent shard ({err})") from None
     if "walt.rows" not in meta:
         raise WaltError(f"{path}: not a walt latent shard (no index in its metadata)")
+    rows = json.loads(meta["walt.rows"])
+    lowres = None
+    if "walt.lowres_moments" in meta:
+        low_sum, low_sumsq, low_count = json.loads(meta["walt.lowres_moments"])
+        lowres = ShardInfo(rows, meta["walt.tokenizer"], low_sum, low_sumsq, int(low_count))
     return ShardInfo(
-        rows=json.loads(meta["walt.rows"]),
+        rows=rows,
         tokenizer=meta["walt.tokenizer"],
         channel_sum=json.loads(meta["walt.channel_sum"]),
         channel_sumsq=json.loads(meta["walt.channel_sumsq"]),
         channel_count=int(meta["walt.channel_count"]),
+        text_encoder=meta.get("walt.text_encoder"),
+        lowres=lowres,
     )
 
 
 def combine_stats(infos: Iterable[ShardInfo]) -> dict:
-    """Per-channel mean and (population) std over every latent value of every shard."""
+    """Per-channel mean and (population) std over every latent value of every shard, with the
+    text encoder that wrote their states and, where the shards hold SR pairs, the statistics of
+    the low-res latents (`lowres`)."""
+    infos = list(infos)
+    stats = _moments_to_stats(infos)
+    encoders = {info.text_encoder for info in infos}
+    if len(encoders) > 1:
+        raise WaltError("shards hold text states of different encoders; re-encode")
+    stats["text_encoder"] = encoders.pop() if encoders else None
+    if infos and all(info.lowres is not None for info in infos):
+        low = _moments_to_stats([info.lowres for info in infos])  # type: ignore[misc]
+        stats["lowres"] = {"mean": low["mean"], "std": low["std"]}
+    return stats
+
+
+def _moments_to_stats(infos: list[ShardInfo]) -> dict:
     s = ss = None
     count = clips = 0
     tokenizers = set()
@@ -146,20 +185,26 @@ def combine_stats(infos: Iterable[ShardInfo]) -> dict:
 
 def write_latents(
     folder: Path,
-    encode: Callable[[dict], torch.Tensor],
+    encode: Callable[[dict], torch.Tensor | dict[str, torch.Tensor]],
     batches: Callable[[int, int], Iterable[dict]],
     num_items: int,
     *,
     shard_size: int,
     tokenizer: str,
+    text_encoder: str | None = None,
+    lowres: bool = False,
     on_shard: Callable[[int, int, bool], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Encode a data set into shards, skipping shards this tokenizer already wrote.
+    """Encode a data set into shards, skipping shards already written by the same tokenizer
+    and text encoder (and holding low-res pairs when `lowres`).
 
-    encode(batch) -> latents (B, c, t, h, w); batches(start, stop) yields collated batches of the
-    items start..stop-1 (unreadable items already dropped; None for a batch with none left);
-    on_shard(k, n_shards, skipped) reports each shard, on_batch(items) each encoded batch. Writes index.jsonl and stats.json at the end and returns the stats.
+    encode(batch) -> latents (B, c, t, h, w), or a dict of `latents` and, as the shard format
+    says, `text` + `text_mask` (written by the encoder with hash `text_encoder`) and `lowres`;
+    batches(start, stop) yields collated batches of the items start..stop-1 (unreadable items
+    already dropped; None for a batch with none left); on_shard(k, n_shards, skipped) reports
+    each shard, on_batch(items) each encoded batch. Writes index.jsonl and stats.json at the end
+    and returns the stats.
     """
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(num_items / shard_size)
@@ -168,7 +213,8 @@ def write_latents(
         path = shard_path(folder, k)
         if path.is_file():
             info = read_shard_info(path)
-            if info.tokenizer == tokenizer:
+            same = info.tokenizer == tokenizer and info.text_encoder == text_encoder
+            if same and (info.lowres is not None) == lowres:
                 infos.append(info)
                 if on_shard:
                     on_shard(k, n_shards, True)
@@ -178,10 +224,12 @@ def write_latents(
         for batch in batches(start, stop):
             if batch is None:
                 continue
-            z = encode(batch)
+            out = encode(batch)
+            out = out if isinstance(out, dict) else {"latents": out}
+            z = out["latents"]
             if on_batch:
                 on_batch(z.shape[0])
-            chunks.append(z)
+            chunks.append(out)
             for i in range(z.shape[0]):
                 label = batch["label"][i]
                 rows.append(
@@ -200,13 +248,28 @@ def write_latents(
                 )
         if not rows:
             continue  # every item of this shard was unreadable
-        shapes = {tuple(c.shape[1:]) for c in chunks}
+        shapes = {tuple(c["latents"].shape[1:]) for c in chunks}
         if len(shapes) != 1:
             raise WaltError(
                 f"clips of different latent shapes {sorted(shapes)} in one data set: give images "
                 "through data.images (packed) rather than mixed with videos"
             )
-        write_shard(path, torch.cat(chunks), rows, tokenizer=tokenizer)
+        parts = {key: [c[key] for c in chunks] for key in chunks[0]}
+        if "text" in parts:  # packs carry a caption per image: broadcast videos' to (T, L, D)
+            frames = next(iter(shapes))[1]
+            parts["text"], parts["text_mask"] = per_frame_text(
+                parts["text"], parts["text_mask"], frames
+            )
+        write_shard(
+            path,
+            torch.cat(parts["latents"]),
+            rows,
+            tokenizer=tokenizer,
+            text=torch.cat(parts["text"]) if "text" in parts else None,
+            text_mask=torch.cat(parts["text_mask"]) if "text" in parts else None,
+            text_encoder=text_encoder if "text" in parts else None,
+            lowres=torch.cat(parts["lowres"]) if "lowres" in parts else None,
+        )
         infos.append(read_shard_info(path))
         if on_shard:
             on_shard(k, n_shards, False)
@@ -217,6 +280,18 @@ def write_latents(
     stats = combine_stats(infos)
     (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def per_frame_text(
+    texts: list[torch.Tensor], masks: list[torch.Tensor], frames: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Batches of text states (B, L, D) or (B, T, L, D) and their masks: unchanged when all
+    have one ndim, else every (B, L, D) repeated to (B, T, L, D) so they concatenate."""
+    if len({t.ndim for t in texts}) == 1:
+        return texts, masks
+    texts = [t if t.ndim == 4 else t[:, None].expand(-1, frames, -1, -1) for t in texts]
+    masks = [m if m.ndim == 3 else m[:, None].expand(-1, frames, -1) for m in masks]
+    return texts, masks
 
 
 def load_stats(folder: Path, tokenizer: str | None = None) -> dict:
@@ -263,9 +338,12 @@ class LatentShards(Dataset):
         shard = self._shard(row["shard"])
         item = dict(row)
         item["latent"] = shard.get_slice("latents")[row["row"]]
-        if "text" in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
+        keys = shard.keys()
+        if "text" in keys:
             item["text"] = shard.get_slice("text")[row["row"]]
             item["text_mask"] = shard.get_slice("text_mask")[row["row"]]
+        if "lowres" in keys:
+            item["lowres"] = shard.get_slice("lowres")[row["row"]]
         return item
 
     def __getstate__(self):  # handles are per process: workers reopen them

@@ -276,6 +276,9 @@ class WALT(nn.Module):
         num_classes: class-conditional with this many classes (+ a null class); 0 = none.
         text_dim: width of the text-encoder states; enables cross-attention in SW layers.
             None = no cross-attention.
+        cross_attention: "spatial" (SW layers only, the paper's joint image-video models) or
+            "all" (STW layers too, each frame's windows attending to its caption); with "all"
+            the SR presets land on the paper's 1.3B and 419M (SPEC §2.4, README).
         mlp_ratio: MLP hidden width / d.
         qk_norm: RMSNorm on queries and keys.
         relative_position_bias: Swin relative position bias inside windows.
@@ -318,6 +321,7 @@ class WALT(nn.Module):
         full_attention: bool = False,
         lowres_factor: int = 0,
         noise_level_cond: bool = False,
+        cross_attention: str = "spatial",
     ) -> None:
         super().__init__()
         latent_size = tuple(int(n) for n in latent_size)  # type: ignore[assignment]
@@ -338,6 +342,8 @@ class WALT(nn.Module):
             raise WaltError(
                 f"latent grid {lat_h}x{lat_w} is not divisible by patch size {patch_size}"
             )
+        if cross_attention not in ("spatial", "all"):
+            raise WaltError(f"cross_attention must be spatial or all, got {cross_attention!r}")
         if adaln_lora_rank < 0 or num_classes < 0 or lowres_factor < 0:
             raise WaltError("adaln_lora_rank, num_classes and lowres_factor must be >= 0")
         default_in = 3 * latent_channels + 1 + (latent_channels if lowres_factor else 0)
@@ -366,6 +372,7 @@ class WALT(nn.Module):
             full_attention=full_attention,
             lowres_factor=lowres_factor,
             noise_level_cond=noise_level_cond,
+            cross_attention=cross_attention,
         )
         self.depth, self.width, self.heads = depth, width, heads
         self.patch_size, self.latent_channels, self.in_channels = (
@@ -407,7 +414,7 @@ class WALT(nn.Module):
                 mlp_ratio=mlp_ratio,
                 qk_norm=qk_norm,
                 relative_bias=relative_position_bias,
-                cross_attention=bool(text_dim) and i % 2 == 0,
+                cross_attention=bool(text_dim) and (cross_attention == "all" or i % 2 == 0),
                 adaln_rank=adaln_lora_rank if (adaln_lora_rank == 0 or i > 0) else -1,
             )
             for i in range(depth)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,15 @@ from torch import Tensor
 from walt_cli.diffusion.inputs import first_frames_mask
 from walt_cli.diffusion.losses import diffusion_loss
 from walt_cli.diffusion.samplers import sample
-from walt_cli.diffusion.schedules import make_schedule
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
-from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
+from walt_cli.systems.common import (
+    DiffusionSystem,
+    build_network,
+    check_text_states,
+    section_kwargs,
+    stage_fps,
+)
 
 log = logging.getLogger("walt.base")
 
@@ -71,6 +75,8 @@ def collate_latents(items: list[dict]) -> dict:
         "is_image": torch.tensor([bool(it.get("is_image", False)) for it in items]),
         "caption": [it["caption"] for it in items],
     }
+    if all("lowres" in it for it in items):  # SR pairs: the low-res latents (B, c, T, h/f, w/f)
+        batch["lowres"] = torch.stack([it["lowres"] for it in items]).float()
     with_text = ["text" in it for it in items]
     if any(with_text):
         if not all(with_text):
@@ -145,115 +151,37 @@ def preview_mode(num_classes: int, text_dim: int | None, p_frame_pred: float) ->
 # The system
 
 
-class BaseSystem(L.LightningModule):
+class BaseSystem(DiffusionSystem):
     """Trains a `WALT` denoiser on normalised latents (see the module docstring).
 
-    Args mirror the recipe's `base` section (walt_cli.config.BaseConfig). `latent_mean` and
-    `latent_std` (c,) normalise the latents (z - mean) / std and travel in the checkpoint;
-    `tokenizer` (frozen, not saved) encodes pixel batches online and decodes previews.
+    Args mirror the recipe's `base` section (walt_cli.config.BaseConfig); the shared ones are
+    `DiffusionSystem`'s. `latent_mean` and `latent_std` (c,) normalise the latents
+    (z - mean) / std and travel in the checkpoint; `tokenizer` (frozen, not saved) encodes pixel
+    batches online and decodes previews.
     """
+
+    export_file = BASE_FILE
 
     def __init__(
         self,
         net: WALT,
         *,
-        stage_dir: str,
-        latent_mean: list[float],
-        latent_std: list[float],
-        tokenizer_hash: str,
-        max_steps: int,
-        optimizer: str = "adamw",
-        lr: float = 5e-4,
-        warmup_steps: int = 5000,
-        min_lr_ratio: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        ema: bool = True,
-        ema_decay: float = 0.9999,
-        grad_clip: float = 1.0,
-        p_self_cond: float = 0.9,
         p_frame_pred: float = 0.0,
         num_cond_frames: tuple[int, ...] = (1, 2),
-        p_cond_drop: float = 0.0,
-        nan_patience: int = 10,
-        log_every: int = 50,
         preview: PreviewSpec | None = None,
-        preview_every: int = 0,
-        preview_steps: int = 50,
-        guidance_scale: float | None = None,
-        tokenizer=None,
         online: bool = False,
-        fps: float = 8.0,
+        **shared: Any,
     ) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.net = net
-        self.ema = ema_model(net, ema_decay) if ema else None
-        self.schedule = make_schedule()  # 1000 linear betas, zero terminal SNR [P Table 8]
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        std = torch.tensor(latent_std, dtype=torch.float32)
-        if bool((std <= 0).any()):
-            raise WaltError(f"latent std {latent_std} has a zero channel; the latents are constant")
-        self.register_buffer("latent_mean", torch.tensor(latent_mean, dtype=torch.float32))
-        self.register_buffer("latent_std", std)
-        self.tokenizer_hash = tokenizer_hash
-        self.guard = NonFiniteGuard(nan_patience)
-        self.stage_dir = Path(stage_dir)
-        self.max_steps, self.optimizer_name = max_steps, optimizer
-        self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
-        self.betas, self.weight_decay = (float(betas[0]), float(betas[1])), weight_decay
-        self.grad_clip = grad_clip
-        self.p_self_cond, self.p_frame_pred = p_self_cond, p_frame_pred
+        super().__init__(net, **shared)
+        self.p_frame_pred = p_frame_pred
         self.num_cond_frames = tuple(int(k) for k in num_cond_frames)
-        self.p_cond_drop = p_cond_drop
-        self.log_every = log_every
-        self.preview, self.preview_every, self.preview_steps = preview, preview_every, preview_steps
-        self.guidance_scale = guidance_scale
-        # The frozen tokenizer is not a submodule: it stays out of checkpoints and optimizers.
-        self._tokenizer = [tokenizer.eval().requires_grad_(False) if tokenizer else None]
+        self.preview = preview
         self.online = online
-        if online and tokenizer is None:
+        if online and self.tokenizer is None:
             raise WaltError("online encoding needs the tokenizer")
-        self.fps = fps
-        self._clock: tuple[int, float] | None = None
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer[0]
-
-    @property
-    def model(self) -> WALT:
-        """The weights to sample and export: the EMA where there is one."""
-        return self.ema.module if self.ema is not None else self.net
-
-    # ---------------------------------------------------------------------------------------
-    # Optimizer
-
-    def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if self.optimizer_name == "adafactor":
-            # torch's Adafactor: lr is the largest relative step (scaled by each tensor's RMS).
-            opt = torch.optim.Adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.AdamW(
-                params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-            )
-        sched = warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
-        return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, sched)]
 
     # ---------------------------------------------------------------------------------------
     # Batches -> normalised latents and conditioning
-
-    def normalize(self, z: Tensor) -> Tensor:
-        """(B, c, T, h, w) tokenizer latents -> zero-mean unit-std per channel."""
-        return (z.float() - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(
-            1, -1, 1, 1, 1
-        )
-
-    def denormalize(self, z: Tensor) -> Tensor:
-        return z.float() * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(
-            1, -1, 1, 1, 1
-        )
 
     def prepare(self, batch: dict) -> tuple[Tensor, Conditioning]:
         """Normalised latents z0 (B, c, T, h, w) and their `Conditioning`."""
@@ -266,39 +194,9 @@ class BaseSystem(L.LightningModule):
                 )
         else:
             z = batch["latent"]
-        z0 = self.normalize(z)
-        net = self.net
-        labels = None
-        if net.num_classes:
-            labels = batch["label"].long()
-            if bool((labels >= net.num_classes).any()):
-                raise WaltError(
-                    f"the data has class label {int(labels.max())} but base.num_classes is "
-                    f"{net.num_classes}"
-                )
-            labels = labels.clamp(min=Conditioning.NULL_LABEL)  # unlabelled (-1): the null class
-        text = text_mask = None
-        if net.text_dim:
-            if "text" not in batch:
-                raise WaltError(
-                    "base.text_dim is set but the latents hold no text embeddings; encode "
-                    "captions into the shards (or set base.text_dim=null)"
-                )
-            text, text_mask = batch["text"], batch["text_mask"]
-        return z0, Conditioning(
-            labels=labels, text=text, text_mask=text_mask, is_image=batch["is_image"]
-        )
+        return self.normalize(z), self.conditioning(batch)
 
-    # ---------------------------------------------------------------------------------------
-    # Training
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        step = int(self.step)
-        if step >= self.max_steps:
-            self.trainer.should_stop = True
-            return None
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
+    def compute_loss(self, batch: dict):
         z0, cond = self.prepare(batch)
         out = diffusion_loss(
             self.net,
@@ -310,75 +208,15 @@ class BaseSystem(L.LightningModule):
             num_cond_frames=self.num_cond_frames,
             p_cond_drop=self.p_cond_drop,
         )
-        # Every rank skips together, or DDP would wait on a gradient that never comes.
-        finite = self.trainer.strategy.reduce_boolean_decision(
-            bool(torch.isfinite(out.loss)), all=True
-        )
-        if not self.guard.check(finite, step=step):
-            log.warning(
-                "step %d: non-finite loss, step skipped (%d in a row)", step, self.guard.in_a_row
-            )
-            self._write_metrics({"train/skipped": float(self.guard.skipped)}, step)
-            return None
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(out.loss)
-        step += 1
-        logging_step = step % self.log_every == 0 or step == 1 or step >= self.max_steps
-        grad_norm = None
-        # This rank's gradient norm before clipping (not under a 16-mixed loss scaler, whose
-        # gradients are still scaled here).
-        if logging_step and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.net.parameters() if p.grad is not None]
-            )
-        if self.grad_clip > 0:
-            self.clip_gradients(
-                opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
-            )
-        opt.step()
-        sched.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
-        self.step += 1
-        if step >= self.max_steps:
-            self.trainer.should_stop = True
+        return out, {
+            "train/video_clips": float((~cond.is_image).sum()),
+            "train/image_packs": float(cond.is_image.sum()),
+            "train/frame_pred": float(out.frame_mask.any(1).sum()),
+        }
 
-        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
-        self.log("step", float(step), prog_bar=True, logger=False)
-        if logging_step:
-            metrics = {
-                "train/loss": float(out.loss.detach()),
-                "train/lr": sched.get_last_lr()[0],
-                "train/skipped": float(self.guard.skipped),
-                "train/video_clips": float((~cond.is_image).sum()),
-                "train/image_packs": float(cond.is_image.sum()),
-                "train/frame_pred": float(out.frame_mask.any(1).sum()),
-                "train/cond_dropped": float(out.dropped.sum()),
-            }
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            now = time.perf_counter()
-            if self._clock is not None and step > self._clock[0]:
-                metrics["train/steps_per_s"] = (step - self._clock[0]) / (now - self._clock[1])
-            self._clock = (step, now)
-            self._write_metrics(metrics, step)
-        if (
-            self.preview is not None
-            and self.preview_every
-            and (step % self.preview_every == 0 or step >= self.max_steps)
-            and self.trainer.is_global_zero
-        ):
-            self.write_preview()
-            self._clock = None  # the preview's time is not training time
-        return None
+    def wants_preview(self) -> bool:
+        return self.preview is not None and bool(self.preview_every)
 
-    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """metrics.csv rows keyed by the system's step, flushed at once (a killed run keeps them)."""
-        if self.logger is not None:
-            self.logger.log_metrics(metrics, step=step)
-            self.logger.save()
-
-    # ---------------------------------------------------------------------------------------
     # Previews and export
 
     @torch.no_grad()
@@ -465,42 +303,6 @@ class BaseSystem(L.LightningModule):
         log.info("step %d: preview %s", step, out)
         return out
 
-    def export(self) -> Path:
-        """base.safetensors: the EMA (or raw) weights, their config, and the latent statistics."""
-        return self.model.save(
-            self.stage_dir / BASE_FILE,
-            extra={
-                "step": int(self.step),
-                "ema": self.ema is not None,
-                "latent_stats": {
-                    "mean": self.latent_mean.tolist(),
-                    "std": self.latent_std.tolist(),
-                    "tokenizer": self.tokenizer_hash,
-                },
-            },
-        )
-
-    # ---------------------------------------------------------------------------------------
-    # Checkpoint extras (primitives only, so resuming loads with weights_only=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["walt_guard"] = self.guard.state_dict()
-        checkpoint["walt_tokenizer"] = self.tokenizer_hash
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("walt_tokenizer")
-        if saved is not None and saved != self.tokenizer_hash:
-            raise WaltError(
-                f"this run was trained on latents of tokenizer {saved}, these are from "
-                f"{self.tokenizer_hash}; start a new run (run_dir=...) or re-encode with the old one"
-            )
-        if "walt_guard" in checkpoint:
-            self.guard.load_state_dict(checkpoint["walt_guard"])
-
-    def on_fit_start(self) -> None:
-        if self.tokenizer is not None:
-            self._tokenizer[0] = self.tokenizer.to(self.device)
-
 
 # ---------------------------------------------------------------------------------------------
 # Building from a recipe
@@ -511,33 +313,27 @@ def latent_root(recipe) -> Path:
     return Path(recipe.base.latents) if recipe.base.latents else Path(recipe.run_dir) / "latents"
 
 
-def build_network(recipe, latent_size: tuple[int, int, int], latent_channels: int) -> WALT:
-    """The recipe's transformer on a latent grid (T, h, w): SW windows default to the whole
-    frame and STW windows to half of it (the paper's 1x16x16 / 5x8x8 on 16x16 latents)."""
-    from walt_cli.models.transformer import PRESETS
+def init_weights(net: WALT, path: Path) -> None:
+    """Load a trained base's weights into `net`, moving them to its latent grid and windows
+    first (`resize_grid`: position embeddings and relative bias tables interpolated) [P §5.3]."""
+    from walt_cli.models.checkpoint import load_state_strict
 
-    b = recipe.base
-    keys = ("depth", "width", "heads", "patch_size", "adaln_lora_rank")
-    overrides: dict[str, Any] = {k: getattr(b, k) for k in keys if getattr(b, k) is not None}
-    p = overrides.get("patch_size", PRESETS[b.preset].get("patch_size", 1))
-    frames, h, w = latent_size
-    if h % p or w % p:
-        raise WaltError(f"base.patch_size {p} does not divide the {h}x{w} latent grid")
-    grid = (h // p, w // p)
-    spatial = tuple(b.spatial_window) if b.spatial_window else grid
-    st = tuple(b.st_window) if b.st_window else (max(1, grid[0] // 2), max(1, grid[1] // 2))
-    net = WALT.from_preset(
-        b.preset,
-        **overrides,
-        latent_channels=latent_channels,
-        latent_size=latent_size,
-        spatial_window=spatial,
-        st_window=st,
-        num_classes=b.num_classes,
-        text_dim=b.text_dim,
+    if not path.is_file():
+        raise WaltError(
+            f"base.init_from: file not found: {path} (train the model it names first, or set "
+            "base.init_from=null)"
+        )
+    source = WALT.from_checkpoint(path)
+    source.resize_grid(
+        tuple(net.config["latent_size"]),
+        spatial_window=tuple(net.config["spatial_window"]),
+        st_window=tuple(net.config["st_window"]),
     )
-    net.gradient_checkpointing = b.gradient_checkpointing
-    return net
+    source_config = {k: v for k, v in source.config.items()}
+    if source_config != net.config:
+        differ = sorted(k for k in net.config if source_config.get(k) != net.config[k])
+        raise WaltError(f"base.init_from: {path} is another architecture (differs in {differ})")
+    load_state_strict(net, source.state_dict(), path)
 
 
 def measure_stats(tok, loader, batches: int, tokenizer_hash: str, device) -> dict:
@@ -581,6 +377,42 @@ def _preview_spec(recipe, items: list[dict], collate, num_classes: int) -> Previ
     return spec
 
 
+def shard_loader(recipe, train_set, batch_size: int):
+    """(DataLoader over latent shards, a one-line description): shuffled, or drawing packs of
+    images at `data.image_ratio` (`joint_sampler`), batched by `collate_latents`."""
+    from torch.utils.data import DataLoader
+
+    t, d = recipe.trainer, recipe.data
+    is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
+    g = torch.Generator().manual_seed(t.seed)
+    sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=g if sampler is None else None,
+        drop_last=len(train_set) >= batch_size,
+        num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0,
+        collate_fn=collate_latents,
+    )
+    n_img = sum(is_image)
+    source = (
+        f"{train_set.folder}: {len(train_set) - n_img} videos + {n_img} image packs"
+        f", image share {d.image_ratio:g}"
+    )
+    return loader, source
+
+
+def preview_source(root: Path, train_set):
+    """The encoded val split under `root` when there is one, else the training shards."""
+    from walt_cli.data.latents import LatentShards
+
+    val_dir = root / "val"
+    return LatentShards(val_dir) if (val_dir / "index.jsonl").is_file() else train_set
+
+
 def _first_items(dataset, n: int) -> list[dict]:
     items = []
     for i in range(min(len(dataset), 4 * n)):
@@ -604,20 +436,12 @@ def train_base(
     Rerunning resumes from `runs/<name>/base/last.ckpt` (weights, EMA, optimizer, scheduler,
     step counter, guard state, latent statistics).
     """
-    from torch.utils.data import DataLoader
 
     from walt_cli.config import save_recipe
     from walt_cli.console import resolve_device
     from walt_cli.data.latents import LatentShards, file_hash, load_stats
     from walt_cli.models.tokenizer import CausalVideoTokenizer
-    from walt_cli.systems.common import (
-        StepCheckpoint,
-        build_trainer,
-        data_loaders,
-        fit,
-        last_checkpoint,
-        startup_table,
-    )
+    from walt_cli.systems.common import data_loaders, last_checkpoint, run_stage
     from walt_cli.systems.encode import tokenizer_path
 
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
@@ -677,28 +501,8 @@ def train_base(
         tok_hash = stats["tokenizer"]
         first = train_set[0]["latent"]
         channels, latent_size = first.shape[0], tuple(first.shape[1:])
-        is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
-        g = torch.Generator().manual_seed(t.seed)
-        sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
-        train_loader = DataLoader(
-            train_set,
-            batch_size=batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=g if sampler is None else None,
-            drop_last=len(train_set) >= batch_size,
-            num_workers=t.num_workers,
-            persistent_workers=t.num_workers > 0,
-            collate_fn=collate_latents,
-        )
-        n_img = sum(is_image)
-        source = (
-            f"{root / 'train'}: {len(train_set) - n_img} videos + {n_img} image packs"
-            f", image share {d.image_ratio:g}"
-        )
-        val_dir = root / "val"
-        preview_src = LatentShards(val_dir) if (val_dir / "index.jsonl").is_file() else train_set
-        preview_items = _first_items(preview_src, b.preview_samples)
+        train_loader, source = shard_loader(recipe, train_set, batch_size)
+        preview_items = _first_items(preview_source(root, train_set), b.preview_samples)
         collate_items = collate_latents
         if b.num_classes:
             top = max(
@@ -710,7 +514,10 @@ def train_base(
                     f"the latents have class label {top} but base.num_classes is {b.num_classes}"
                 )
 
-    net = build_network(recipe, latent_size, channels)
+    text_encoder = check_text_states(recipe, b, stats, "base")
+    net = build_network(b, latent_size, channels)
+    if b.init_from and resume is None:
+        init_weights(net, Path(b.init_from))
     spec = _preview_spec(recipe, preview_items, collate_items, b.num_classes)
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe)
@@ -721,64 +528,32 @@ def train_base(
         latent_std=stats["std"],
         tokenizer_hash=tok_hash,
         **section_kwargs(b, BaseSystem),
+        **section_kwargs(b, DiffusionSystem),
         log_every=t.log_every,
         preview=spec,
         tokenizer=tok,
         online=online,
-        fps=float(d.fps or d.shapes.fps or 8.0),
+        fps=stage_fps(d),
+        text_encoder=text_encoder,
     )
-    checkpoint = StepCheckpoint(stage_dir, t.checkpoint_every, on_save=lambda m: m.export())
-    trainer = build_trainer(
+    return run_stage(
         recipe,
-        stage_dir,
-        val_every=None,
-        val_batches=0,
-        callbacks=[checkpoint, *(callbacks or [])],
+        system,
+        train_loader,
+        stage_dir=stage_dir,
+        resume=resume,
+        title=f"walt train-base: {recipe.name}",
+        section=b,
+        table=_table(recipe, latent_size, channels, stats, source, resume, spec),
+        callbacks=callbacks,
         progress=progress,
+        console=console,
     )
-    from lightning.pytorch.utilities import rank_zero_only
-
-    main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
-    if console is not None and main_process:
-        console.print(
-            startup_table(
-                f"walt train-base: {recipe.name}",
-                _table_rows(
-                    recipe, net, trainer, latent_size, channels, stats, source, resume, spec
-                ),
-            )
-        )
-    fit(trainer, system, train_loader, resume=resume)
-    return {
-        "step": int(system.step),
-        "skipped_steps": system.guard.skipped,
-        "checkpoint": str(stage_dir / "last.ckpt"),
-        "weights": str(stage_dir / BASE_FILE),
-        "metrics": str(stage_dir / "metrics.csv"),
-        "previews": str(stage_dir / "previews"),
-        "resumed": resume is not None,
-        "main_process": main_process,
-        "parameters": net.num_parameters,
-    }
 
 
-def _table_rows(recipe, net: WALT, trainer, latent_size, channels, stats, source, resume, spec):
-    from walt_cli.models.transformer import describe_windows
-    from walt_cli.systems.common import human_count
-
-    b, d, t = recipe.base, recipe.data, recipe.trainer
-    frames, h, w = latent_size
-    p = net.patch_size
-    tokens = frames * (h // p) * (w // p)
-    world = trainer.world_size
-    batch = b.batch_size or d.batch_size
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(t.precision).split("-")[0])
-    device = trainer.strategy.root_device
-    try:
-        backends = net.attention_backends(training=True, device=device, dtype=dtype)
-        sdpa = ", ".join(f"{k} {v}" for k, v in backends.items()) + f" (training, {device})"
-    except Exception as err:  # a device the probe cannot reach before the strategy starts
-        sdpa = f"decided at start-up ({type(err).__name__})"
+def _table(recipe, latent_size, channels, stats, source, resume, spec) -> dict:
+    """What the start-up table says about this base run (`common.denoiser_rows`)."""
+    b = recipe.base
     conditions = [
         f"{b.num_classes} classes" if b.num_classes else "",
         f"text (D={b.text_dim})" if b.text_dim else "",
@@ -788,40 +563,18 @@ def _table_rows(recipe, net: WALT, trainer, latent_size, channels, stats, source
         f"condition dropout {b.p_cond_drop:g}" if b.p_cond_drop else "",
         f"self-conditioning {b.p_self_cond:g}",
     ]
-    mean, std = stats["mean"], stats["std"]
-    opt = (
-        f"AdamW lr {b.lr:g} betas {tuple(b.betas)} wd {b.weight_decay:g}"
-        if b.optimizer == "adamw"
-        else f"Adafactor lr {b.lr:g} wd {b.weight_decay:g}"
+    previews = (
+        f"every {b.preview_every} steps: {spec.mode}, {b.preview_steps} DDIM steps"
+        if spec
+        else "off"
     )
-    return [
-        (
-            "model",
-            f"{b.preset}: {human_count(net.num_parameters)} parameters, depth {net.depth}, width {net.width}, {net.heads} heads, p={p}, AdaLN-LoRA r={net.adaln_lora_rank}",
-        ),
-        ("latent", f"({channels}, {frames}, {h}, {w}): {tokens} tokens per sample"),
-        ("windows", describe_windows(net)),
-        ("conditioning", ", ".join(c for c in conditions if c)),
-        ("data", source),
-        (
-            "latent stats",
-            f"mean {min(mean):.3f}..{max(mean):.3f}, std {min(std):.3f}..{max(std):.3f} (tokenizer {stats['tokenizer']})",
-        ),
-        (
-            "optimizer",
-            f"{opt}, warmup {b.warmup_steps} + cosine, clip {b.grad_clip:g}, "
-            + (f"EMA {b.ema_decay}" if b.ema else "no EMA"),
-        ),
-        ("steps", f"{b.max_steps}" + (f" (resuming from {resume})" if resume else "")),
-        ("batch", f"{batch} per device x {world} = {batch * world}"),
-        ("precision", str(t.precision)),
-        ("devices", f"{t.accelerator}: {t.devices} x {t.num_nodes} node(s), {t.strategy}"),
-        ("SDPA", sdpa),
-        (
-            "previews",
-            f"every {b.preview_every} steps: {spec.mode}, {b.preview_steps} DDIM steps"
-            if spec
-            else "off",
-        ),
-        ("output", str(Path(recipe.run_dir) / "base")),
-    ]
+    return dict(
+        latent_size=latent_size,
+        channels=channels,
+        stats=stats,
+        source=source,
+        conditions=conditions,
+        resume=resume,
+        previews=previews,
+        output=Path(recipe.run_dir) / "base",
+    )

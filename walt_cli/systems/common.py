@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -279,3 +281,457 @@ def human_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion stages' shared system (base and SR)
+
+
+def normalize(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, c, T, h, w) tokenizer latents -> zero-mean unit-std per channel."""
+    return (z.float() - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+
+
+def denormalize(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return z.float() * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)
+
+
+def _stats_buffer(values: list[float], what: str) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float32)
+    if what == "std" and bool((t <= 0).any()):
+        raise WaltError(f"latent std {values} has a zero channel; the latents are constant")
+    return t
+
+
+class DiffusionSystem(L.LightningModule):
+    """What every W.A.L.T diffusion stage's LightningModule shares: the network and its EMA,
+    AdamW or Adafactor with warmup + cosine, the step counter, the non-finite-loss guard,
+    gradient clipping, metrics.csv rows, previews every `preview_every` steps, checkpoint
+    extras and the safetensors export.
+
+    A stage implements `compute_loss(batch) -> (LossOutput, metrics)` and `write_preview()`,
+    and names its export file (`export_file`) and extra metadata (`export_extra`).
+    """
+
+    export_file = "model.safetensors"
+
+    def __init__(
+        self,
+        net,
+        *,
+        stage_dir: str,
+        latent_mean: list[float],
+        latent_std: list[float],
+        tokenizer_hash: str,
+        max_steps: int,
+        optimizer: str = "adamw",
+        lr: float = 5e-4,
+        warmup_steps: int = 5000,
+        min_lr_ratio: float = 0.0,
+        lr_schedule: str = "cosine",
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        ema: bool = True,
+        ema_decay: float = 0.9999,
+        grad_clip: float = 1.0,
+        p_self_cond: float = 0.9,
+        p_cond_drop: float = 0.0,
+        nan_patience: int = 10,
+        log_every: int = 50,
+        preview_every: int = 0,
+        preview_steps: int = 50,
+        guidance_scale: float | None = None,
+        tokenizer=None,
+        fps: float = 8.0,
+        text_encoder: dict | None = None,
+        section: str = "base",
+    ) -> None:
+        super().__init__()
+        from walt_cli.diffusion.schedules import make_schedule
+
+        self.section = section  # the recipe key this stage reads (for messages)
+        self.automatic_optimization = False
+        self.net = net
+        self.ema = ema_model(net, ema_decay) if ema else None
+        self.schedule = make_schedule()  # 1000 linear betas, zero terminal SNR [P Table 8]
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("latent_mean", _stats_buffer(latent_mean, "mean"))
+        self.register_buffer("latent_std", _stats_buffer(latent_std, "std"))
+        self.tokenizer_hash = tokenizer_hash
+        self.text_encoder = text_encoder  # spec + hash of the encoder behind the text states
+        self.guard = NonFiniteGuard(nan_patience)
+        self.stage_dir = Path(stage_dir)
+        self.max_steps, self.optimizer_name = max_steps, optimizer
+        self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
+        self.lr_schedule = lr_schedule
+        self.betas, self.weight_decay = (float(betas[0]), float(betas[1])), weight_decay
+        self.grad_clip = grad_clip
+        self.p_self_cond, self.p_cond_drop = p_self_cond, p_cond_drop
+        self.log_every = log_every
+        self.preview_every, self.preview_steps = preview_every, preview_steps
+        self.guidance_scale = guidance_scale
+        # The frozen tokenizer is not a submodule: it stays out of checkpoints and optimizers.
+        self._tokenizer = [tokenizer.eval().requires_grad_(False) if tokenizer else None]
+        self.fps = fps
+        self._clock: tuple[int, float] | None = None
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer[0]
+
+    @property
+    def model(self):
+        """The weights to sample and export: the EMA where there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return normalize(z, self.latent_mean, self.latent_std)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return denormalize(z, self.latent_mean, self.latent_std)
+
+    def conditioning(self, batch: dict):
+        """The `Conditioning` of a batch of latents: class labels (unlabelled -1 = the null
+        class), text states + mask from the shards, is_image."""
+        from walt_cli.models.transformer import Conditioning
+
+        net = self.net
+        labels = None
+        if net.num_classes:
+            labels = batch["label"].long()
+            if bool((labels >= net.num_classes).any()):
+                raise WaltError(
+                    f"the data has class label {int(labels.max())} but {self.section}.num_classes "
+                    f"is {net.num_classes}"
+                )
+            labels = labels.clamp(min=Conditioning.NULL_LABEL)
+        text = text_mask = None
+        if net.text_dim:
+            if "text" not in batch:
+                raise WaltError(
+                    f"{self.section}.text_dim is set but the latents hold no text embeddings; set "
+                    f"text_encoder in the recipe and re-encode (or set {self.section}.text_dim=null)"
+                )
+            text, text_mask = batch["text"], batch["text_mask"]
+        return Conditioning(
+            labels=labels, text=text, text_mask=text_mask, is_image=batch["is_image"]
+        )
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if self.optimizer_name == "adafactor":
+            # torch's Adafactor: lr is the largest relative step (scaled by each tensor's RMS).
+            opt = torch.optim.Adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.AdamW(
+                params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+            )
+        # constant: the cosine's floor at 1 (linear warmup, then the peak lr throughout)
+        floor = 1.0 if self.lr_schedule == "constant" else self.min_lr_ratio
+        sched = warmup_cosine(self.warmup_steps, self.max_steps, floor)
+        return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, sched)]
+
+    # ---------------------------------------------------------------------------------------
+    # What a stage provides
+
+    def compute_loss(self, batch: dict) -> tuple[Any, dict[str, float]]:
+        """(diffusion LossOutput, per-batch metrics to log beside the loss)."""
+        raise NotImplementedError
+
+    def wants_preview(self) -> bool:
+        return bool(self.preview_every)
+
+    def write_preview(self) -> Path:
+        raise NotImplementedError
+
+    def export_extra(self) -> dict[str, Any]:
+        return {}
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        step = int(self.step)
+        if step >= self.max_steps:
+            self.trainer.should_stop = True
+            return None
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        out, extra = self.compute_loss(batch)
+        # Every rank skips together, or DDP would wait on a gradient that never comes.
+        finite = self.trainer.strategy.reduce_boolean_decision(
+            bool(torch.isfinite(out.loss)), all=True
+        )
+        if not self.guard.check(finite, step=step):
+            log.warning(
+                "step %d: non-finite loss, step skipped (%d in a row)", step, self.guard.in_a_row
+            )
+            self._write_metrics({"train/skipped": float(self.guard.skipped)}, step)
+            return None
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(out.loss)
+        step += 1
+        logging_step = step % self.log_every == 0 or step == 1 or step >= self.max_steps
+        grad_norm = None
+        # This rank's gradient norm before clipping (not under a 16-mixed loss scaler, whose
+        # gradients are still scaled here).
+        if logging_step and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.net.parameters() if p.grad is not None]
+            )
+        if self.grad_clip > 0:
+            self.clip_gradients(
+                opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
+            )
+        opt.step()
+        sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        self.step += 1
+        if step >= self.max_steps:
+            self.trainer.should_stop = True
+
+        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+        self.log("step", float(step), prog_bar=True, logger=False)
+        if logging_step:
+            metrics = {
+                "train/loss": float(out.loss.detach()),
+                "train/lr": sched.get_last_lr()[0],
+                "train/skipped": float(self.guard.skipped),
+                **extra,
+                "train/cond_dropped": float(out.dropped.sum()),
+            }
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            now = time.perf_counter()
+            if self._clock is not None and step > self._clock[0]:
+                metrics["train/steps_per_s"] = (step - self._clock[0]) / (now - self._clock[1])
+            self._clock = (step, now)
+            self._write_metrics(metrics, step)
+        if (
+            self.wants_preview()
+            and (step % self.preview_every == 0 or step >= self.max_steps)
+            and self.trainer.is_global_zero
+        ):
+            self.write_preview()
+            self._clock = None  # the preview's time is not training time
+        return None
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """metrics.csv rows keyed by the system's step, flushed at once (a killed run keeps them)."""
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=step)
+            self.logger.save()
+
+    # ---------------------------------------------------------------------------------------
+    # Export and checkpoint extras (primitives only, so resuming loads with weights_only=True)
+
+    def export(self) -> Path:
+        """<stage>.safetensors: the EMA (or raw) weights, their config, the latent statistics,
+        the text encoder (text models) and what the stage adds (`export_extra`)."""
+        extra: dict[str, Any] = {
+            "step": int(self.step),
+            "ema": self.ema is not None,
+            "latent_stats": {
+                "mean": self.latent_mean.tolist(),
+                "std": self.latent_std.tolist(),
+                "tokenizer": self.tokenizer_hash,
+            },
+        }
+        if self.text_encoder is not None and getattr(self.net, "text_dim", None):
+            extra["text_encoder"] = dict(self.text_encoder)
+        extra.update(self.export_extra())
+        return self.model.save(self.stage_dir / self.export_file, extra=extra)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["walt_guard"] = self.guard.state_dict()
+        checkpoint["walt_tokenizer"] = self.tokenizer_hash
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("walt_tokenizer")
+        if saved is not None and saved != self.tokenizer_hash:
+            raise WaltError(
+                f"this run was trained on latents of tokenizer {saved}, these are from "
+                f"{self.tokenizer_hash}; start a new run (run_dir=...) or re-encode with the old one"
+            )
+        if "walt_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["walt_guard"])
+
+    def on_fit_start(self) -> None:
+        if self.tokenizer is not None:
+            self._tokenizer[0] = self.tokenizer.to(self.device)
+
+
+def run_stage(
+    recipe,
+    system: DiffusionSystem,
+    train_loader,
+    *,
+    stage_dir: Path,
+    resume: Path | None,
+    title: str,
+    section,
+    table: dict[str, Any],
+    callbacks: list | None = None,
+    progress: bool = True,
+    console=None,
+) -> dict[str, Any]:
+    """Fit a diffusion stage: last.ckpt every `trainer.checkpoint_every` steps (exporting the
+    weights each time), the start-up table (`denoiser_rows(recipe, section, ..., **table)`) on
+    the main process, resume from `resume`. Returns the run's summary (`main_process`: whether
+    this is the process that reports, DDP running one per device)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    checkpoint = StepCheckpoint(
+        stage_dir, recipe.trainer.checkpoint_every, on_save=lambda m: m.export()
+    )
+    trainer = build_trainer(
+        recipe,
+        stage_dir,
+        val_every=None,
+        val_batches=0,
+        callbacks=[checkpoint, *(callbacks or [])],
+        progress=progress,
+    )
+    main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
+    if console is not None and main_process:
+        rows = denoiser_rows(recipe, section, system.net, trainer, **table)
+        console.print(startup_table(title, rows))
+    fit(trainer, system, train_loader, resume=resume)
+    return {
+        "step": int(system.step),
+        "skipped_steps": system.guard.skipped,
+        "checkpoint": str(stage_dir / "last.ckpt"),
+        "weights": str(stage_dir / system.export_file),
+        "metrics": str(stage_dir / "metrics.csv"),
+        "previews": str(stage_dir / "previews"),
+        "resumed": resume is not None,
+        "main_process": main_process,
+        "parameters": system.net.num_parameters,
+    }
+
+
+def denoiser_rows(
+    recipe,
+    section,
+    net,
+    trainer,
+    *,
+    latent_size,
+    channels: int,
+    stats: dict,
+    source: str,
+    conditions: list[str],
+    resume: Path | None,
+    previews: str,
+    output: Path,
+) -> list[tuple[str, Any]]:
+    """The start-up table of a diffusion stage (`section`: base or sr[N-1])."""
+    from walt_cli.models.transformer import describe_windows
+
+    b, t = section, recipe.trainer
+    frames, h, w = latent_size
+    p = net.patch_size
+    tokens = frames * (h // p) * (w // p)
+    world = trainer.world_size
+    batch = b.batch_size or recipe.data.batch_size
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(t.precision).split("-")[0])
+    device = trainer.strategy.root_device
+    try:
+        backends = net.attention_backends(training=True, device=device, dtype=dtype)
+        sdpa = ", ".join(f"{k} {v}" for k, v in backends.items()) + f" (training, {device})"
+    except Exception as err:  # a device the probe cannot reach before the strategy starts
+        sdpa = f"decided at start-up ({type(err).__name__})"
+    mean, std = stats["mean"], stats["std"]
+    opt = (
+        f"AdamW lr {b.lr:g} betas {tuple(b.betas)} wd {b.weight_decay:g}"
+        if b.optimizer == "adamw"
+        else f"Adafactor lr {b.lr:g} wd {b.weight_decay:g}"
+    )
+    return [
+        (
+            "model",
+            f"{b.preset}: {human_count(net.num_parameters)} parameters, depth {net.depth}, width {net.width}, {net.heads} heads, p={p}, AdaLN-LoRA r={net.adaln_lora_rank}",
+        ),
+        ("latent", f"({channels}, {frames}, {h}, {w}): {tokens} tokens per sample"),
+        ("windows", describe_windows(net)),
+        ("conditioning", ", ".join(c for c in conditions if c)),
+        ("data", source),
+        (
+            "latent stats",
+            f"mean {min(mean):.3f}..{max(mean):.3f}, std {min(std):.3f}..{max(std):.3f} (tokenizer {stats['tokenizer']})",
+        ),
+        (
+            "optimizer",
+            f"{opt}, warmup {b.warmup_steps} + {b.lr_schedule}, clip {b.grad_clip:g}, "
+            + (f"EMA {b.ema_decay}" if b.ema else "no EMA"),
+        ),
+        ("steps", f"{b.max_steps}" + (f" (resuming from {resume})" if resume else "")),
+        ("batch", f"{batch} per device x {world} = {batch * world}"),
+        ("precision", str(t.precision)),
+        ("devices", f"{t.accelerator}: {t.devices} x {t.num_nodes} node(s), {t.strategy}"),
+        ("SDPA", sdpa),
+        ("previews", previews),
+        ("output", str(output)),
+    ]
+
+
+def build_network(section, latent_size: tuple[int, int, int], latent_channels: int, **extra):
+    """A stage's transformer (`section`: base or sr[N-1]) on a latent grid (T, h, w): SW windows
+    default to the whole frame and STW windows to half of it (the paper's 1x16x16 / 5x8x8 on
+    16x16 latents). `extra`: constructor keywords the stage adds (an SR stage's lowres_factor)."""
+    from walt_cli.models.transformer import PRESETS, WALT
+
+    b = section
+    keys = ("depth", "width", "heads", "patch_size", "adaln_lora_rank")
+    overrides: dict[str, Any] = {k: getattr(b, k) for k in keys if getattr(b, k) is not None}
+    p = overrides.get("patch_size", PRESETS[b.preset].get("patch_size", 1))
+    frames, h, w = latent_size
+    if h % p or w % p:
+        raise WaltError(f"patch_size {p} does not divide the {h}x{w} latent grid")
+    grid = (h // p, w // p)
+    spatial = tuple(b.spatial_window) if b.spatial_window else grid
+    st = tuple(b.st_window) if b.st_window else (max(1, grid[0] // 2), max(1, grid[1] // 2))
+    net = WALT.from_preset(
+        b.preset,
+        **overrides,
+        latent_channels=latent_channels,
+        latent_size=latent_size,
+        spatial_window=spatial,
+        st_window=st,
+        num_classes=b.num_classes,
+        text_dim=b.text_dim,
+        cross_attention=b.cross_attention,
+        **extra,
+    )
+    net.gradient_checkpointing = b.gradient_checkpointing
+    return net
+
+
+def stage_fps(data) -> float:
+    """Frame rate of the previews: data.fps, the shapes' fps, or 8."""
+    return float(data.fps or data.shapes.fps or 8.0)
+
+
+def check_text_states(recipe, section, stats: dict, key: str) -> dict | None:
+    """For a text-conditioned stage (`section.text_dim`), the recipe's text encoder as recorded
+    in checkpoints (spec + hash), after checking that the shards' text states (their stats.json
+    names the encoder) come from it and have its width. None when the stage takes no text or
+    the recipe names no encoder (states written by other means are used as they are)."""
+    if not section.text_dim or recipe.text_encoder.name == "none":
+        return None
+    from walt_cli.systems.encode import load_text_encoder
+
+    enc = load_text_encoder(recipe)
+    if enc.dim != section.text_dim:
+        raise WaltError(
+            f"{key}.text_dim is {section.text_dim} but text_encoder {enc.spec.name} gives "
+            f"{enc.dim}-wide states"
+        )
+    written = stats.get("text_encoder")
+    if written is not None and written != enc.hash:
+        raise WaltError(
+            f"the latent shards hold text states of encoder {written}, the recipe's "
+            f"text_encoder ({enc.spec.name}) is {enc.hash}; re-encode with `walt tokenize encode`"
+        )
+    return enc.describe()

@@ -2,7 +2,14 @@
 
 Deterministic (no augmentation: centred crops and starts), unreadable files dropped (never
 duplicated), resumable per shard (walt_cli/data/latents.py), with the EMA tokenizer the run
-trained (or `tokenizer.checkpoint`).
+trained (or `tokenizer.checkpoint`). With a `text_encoder` in the recipe, each clip's caption
+(each image's, for packs) is stored as text states beside its latent, with the encoder's hash.
+
+`--sr N` encodes the training pairs of SR stage N into runs/<name>/latents/sr<N>/: each clip at
+the stage's resolution and, as `lowres`, the same clip downsampled (antialiased) by the stage's
+factor, both through the same tokenizer (the paper's z and z_lr). Pairs are encoded once here
+rather than at every training step: an SR step would otherwise run the tokenizer's encoder on
+two resolutions of every clip, which costs more than the SR step itself at the paper's sizes.
 """
 
 from __future__ import annotations
@@ -34,6 +41,36 @@ def tokenizer_path(recipe) -> Path:
             "tokenizer.checkpoint=PATH"
         )
     return p
+
+
+def downsample(video: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, 3, T, H/f, W/f): each frame resized with an
+    antialiased bicubic filter (what a camera at the lower resolution would see)."""
+    import torch.nn.functional as F
+
+    b, _, t, h, w = video.shape
+    frames = rearrange(video.float(), "b c t h w -> (b t) c h w")
+    small = F.interpolate(
+        frames, size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False
+    )
+    return rearrange(small.clamp(-1, 1), "(b t) c h w -> b c t h w", b=b).to(video.dtype)
+
+
+def caption_states(text_encoder, captions: list, is_image: torch.Tensor, frames: int):
+    """Text states of a batch's captions: (B, L, D) + (B, L) for videos, or (B, T, L, D) +
+    (B, T, L) when the batch holds packs of images (one caption per image, videos' repeated)."""
+    if not bool(is_image.any()):
+        return text_encoder.encode([str(c) for c in captions])
+    flat = []
+    for caption in captions:
+        per_image = list(caption) if isinstance(caption, (list, tuple)) else [caption] * frames
+        flat += [str(c) for c in (per_image + [""] * frames)[:frames]]  # padded images: null
+    states, mask = text_encoder.encode(flat)  # (B*T, L, D)
+    b = len(captions)
+    return (
+        rearrange(states, "(b t) l d -> b t l d", b=b),
+        rearrange(mask, "(b t) l -> b t l", b=b),
+    )
 
 
 @torch.no_grad()
@@ -89,8 +126,10 @@ def encode_dataset(
     device: str = "auto",
     progress: bool = True,
     console=None,
+    sr: int = 0,
 ) -> dict[str, Any]:
-    """Encode the recipe's `split` into `runs/<name>/latents/<split>/`; returns a summary."""
+    """Encode the recipe's `split` into `runs/<name>/latents/<split>/` (SR stage `sr` > 0:
+    latents/sr<N>/<split>/ with low-res pairs); returns a summary."""
     from torch.utils.data import DataLoader, Subset
 
     from walt_cli.config import save_recipe
@@ -99,15 +138,19 @@ def encode_dataset(
 
     if split not in ("train", "val"):
         raise WaltError(f"split must be train or val, got {split!r}")
+    data, factor = stage_data(recipe, sr)
     path = tokenizer_path(recipe)
     digest = file_hash(path)
     from walt_cli.console import resolve_device
 
     dev = resolve_device(device)
     tok = CausalVideoTokenizer.from_checkpoint(path).to(dev).eval()
-    dataset = build_dataset(recipe.data, split, augment=False, drop_unreadable=True)
+    text_encoder = load_text_encoder(recipe)
+    if text_encoder is not None:
+        text_encoder.to(dev)
+    dataset = build_dataset(data, split, augment=False, drop_unreadable=True)
     k = recipe.tokenizer
-    folder = Path(recipe.run_dir) / "latents" / split
+    folder = latent_folder(recipe, sr) / split
     save_recipe(recipe)
     n_items = len(dataset)
     n_shards = -(-n_items // k.shard_size)
@@ -117,9 +160,15 @@ def encode_dataset(
             done_before += 1
     if console is not None:
         console.print(
-            f"encoding {n_items} {split} clips of {recipe.data.num_frames}x"
-            f"{'x'.join(map(str, recipe.data.resolution))} with {path} (hash {digest}) into "
+            f"encoding {n_items} {split} clips of {data.num_frames}x"
+            f"{'x'.join(map(str, data.resolution))} with {path} (hash {digest}) into "
             f"{n_shards} shards of {k.shard_size} at {folder}"
+            + (f", with low-res pairs at 1/{factor}" if factor else "")
+            + (
+                f", captions through {text_encoder.spec.name} (hash {text_encoder.hash})"
+                if text_encoder is not None
+                else ""
+            )
             + (
                 f"; {done_before} shard files exist (reused if from this tokenizer)"
                 if done_before
@@ -137,9 +186,17 @@ def encode_dataset(
         )
         yield from loader
 
-    def encode(batch: dict) -> torch.Tensor:
-        z = encode_batch(tok, batch["video"].to(dev), batch["is_image"].to(dev), batch["frames"])
-        return z.float().cpu()
+    def encode(batch: dict) -> dict[str, torch.Tensor]:
+        video, is_image = batch["video"].to(dev), batch["is_image"].to(dev)
+        z = encode_batch(tok, video, is_image, batch["frames"])
+        out = {"latents": z.float().cpu()}
+        if factor:
+            low = encode_batch(tok, downsample(video, factor), is_image, batch["frames"])
+            out["lowres"] = low.float().cpu()
+        if text_encoder is not None:
+            states, mask = caption_states(text_encoder, batch["caption"], is_image, z.shape[2])
+            out["text"], out["text_mask"] = states.cpu(), mask.cpu()
+        return out
 
     from walt_cli.console import progress as progress_bar
 
@@ -170,6 +227,8 @@ def encode_dataset(
             n_items,
             shard_size=k.shard_size,
             tokenizer=digest,
+            text_encoder=text_encoder.hash if text_encoder is not None else None,
+            lowres=bool(factor),
             on_shard=on_shard,
             on_batch=on_batch,
         )
@@ -183,5 +242,47 @@ def encode_dataset(
         "dropped_files": len(getattr(dataset, "skipped", {}) or {}),
         "clips_per_s": encoded / elapsed if encoded else 0.0,
         "tokenizer": digest,
+        "text_encoder": text_encoder.hash if text_encoder is not None else None,
         "stats": stats,
     }
+
+
+def latent_folder(recipe, sr: int = 0) -> Path:
+    """Where `tokenize encode` writes a stage's shards: runs/<name>/latents (the base) or
+    runs/<name>/latents/sr<N>, each holding train/ and val/."""
+    root = Path(recipe.run_dir) / "latents"
+    return root if sr == 0 else root / f"sr{sr}"
+
+
+def stage_data(recipe, sr: int = 0):
+    """(data section at the stage's resolution, its SR factor or 0 for the base)."""
+    if sr == 0:
+        return recipe.data, 0
+    check_stage(recipe, sr, flag="--sr")
+    from omegaconf import OmegaConf
+
+    stage = recipe.sr[sr - 1]
+    data = OmegaConf.merge(recipe.data, {"resolution": list(stage.resolution)})
+    return data, int(stage.factor)
+
+
+def check_stage(recipe, stage: int, flag: str = "--stage") -> None:
+    """One line when the recipe has no SR stage `stage` (1-based) or its resolutions do not
+    chain (each stage's is the previous one's times its factor)."""
+    n = len(recipe.sr)
+    if not 1 <= stage <= n:
+        have = f"stages 1..{n}" if n else "no sr stages"
+        raise WaltError(f"{flag} {stage}: the recipe has {have} (its `sr` list)")
+    from walt_cli.config import check_sr_chain
+
+    check_sr_chain(recipe, stage)
+
+
+def load_text_encoder(recipe):
+    """The recipe's text encoder (`text_encoder` section), or None for name=none."""
+    from walt_cli.models.text import TextEncoder
+
+    e = recipe.text_encoder
+    return TextEncoder.from_spec(
+        name=e.name, path=e.path, max_length=int(e.max_length), dtype=e.dtype
+    )
