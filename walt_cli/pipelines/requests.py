@@ -296,13 +296,10 @@ def _read_input(request: Request):
             frames = read_image(p)
         else:
             frames, _ = read_frames(p)
-    except VideoDecodeError as err:
-        raise WaltError(f"{p}: cannot be decoded ({err})") from None
-    except WaltError:
-        raise
-    except Exception as err:  # ffmpeg / decord errors on a file that is not what it claims
+    except (VideoDecodeError, RuntimeError, OSError) as err:  # ffmpeg / decord refusals
         what = "an image" if request.kind == "animate" else "a video"
-        raise WaltError(f"{p}: not {what} ({type(err).__name__})") from None
+        reason = str(err).split(": ")[-1] if str(err) else type(err).__name__
+        raise WaltError(f"{p}: not {what} that can be decoded ({reason})") from None
     return torch.from_numpy(frames)
 
 
