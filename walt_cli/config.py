@@ -153,6 +153,18 @@ class BaseConfig:
 
 
 @dataclass
+class SampleConfig:
+    """`walt sample` / `walt animate` defaults, stored in exported bundles. Per-stage lists run
+    base, sr1, sr2, ...; a shorter list repeats its last value."""
+
+    steps: list[int] = field(default_factory=lambda: [50, 25])  # DDIM steps per stage
+    guidance: list[float] = field(default_factory=lambda: [1.0])  # CFG per stage; 1 = none
+    noise_level: list[float] | None = None  # SR noise augmentation per SR stage (null: the stage's)
+    fps: float | None = None  # frame rate of written videos (null: data.fps, shapes fps, or 8)
+    frames: int | None = None  # default --frames (null: one clip of the model)
+
+
+@dataclass
 class Recipe:
     name: str = ""  # defaults to the recipe file's stem
     run_dir: str = "runs/${name}"
@@ -160,6 +172,7 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +363,7 @@ def validate(recipe: Recipe, *, source: str) -> None:
         "shard_size and encode_batch_size must be >= 1",
     )
     _validate_base(recipe.base, source)
+    _validate_sample(recipe.sample, source)
     t = recipe.trainer
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
@@ -417,6 +431,34 @@ def _validate_base(b: BaseConfig, source: str) -> None:
         source,
         "base.preview_every",
         "preview_every must be >= 0, preview_samples and preview_steps >= 1",
+    )
+
+
+def _validate_sample(s: SampleConfig, source: str) -> None:
+    _check(
+        len(s.steps) >= 1 and min(s.steps) >= 1,
+        source,
+        "sample.steps",
+        f"must list DDIM steps >= 1 per stage, got {list(s.steps)}",
+    )
+    _check(
+        len(s.guidance) >= 1 and min(s.guidance) >= 0,
+        source,
+        "sample.guidance",
+        f"must list guidance scales >= 0 per stage, got {list(s.guidance)}",
+    )
+    _check(
+        s.noise_level is None or all(0 <= v <= 1 for v in s.noise_level),
+        source,
+        "sample.noise_level",
+        "must list levels in [0, 1] per SR stage (or null)",
+    )
+    _check(s.fps is None or s.fps > 0, source, "sample.fps", f"must be positive, got {s.fps}")
+    _check(
+        s.frames is None or (s.frames >= 1 and (s.frames - 1) % TEMPORAL_FACTOR == 0),
+        source,
+        "sample.frames",
+        f"must be 1 + {TEMPORAL_FACTOR}k (or null), got {s.frames}",
     )
 
 

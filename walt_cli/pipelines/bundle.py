@@ -16,8 +16,8 @@ the sampling defaults, named by one small index file, `walt_bundle.json` (the id
       ],
       "text_encoder": null | {"name": "minilm", "path": null, "max_length": 32, ..., "hash": "..."},
       "class_names": ["circle moving left", ...],
-      "sample": {"num_frames": 17, "fps": 8.0, "steps": [50, 25], "guidance": [4.0, 2.0],
-                 "noise_level": [0.1]}
+      "sample": {"steps": [50, 25], "guidance": [4.0, 2.0], "noise_level": [0.1], "fps": 8.0,
+                 "frames": null}
     }
 
 Files are relative to the index. Loading checks every file's sha256, that each stage's latent
@@ -234,8 +234,6 @@ def _index_from_run(root: Path) -> BundleIndex:
     sample = dict(recipe.get("sample") or {})
     if sample.get("fps") is None:
         sample["fps"] = float(data.get("fps") or (data.get("shapes") or {}).get("fps") or 8.0)
-    if sample.get("num_frames") is None and data.get("num_frames"):
-        sample["num_frames"] = int(data["num_frames"])
     base_meta = stages[0].meta
     return BundleIndex(
         root=root,

@@ -186,7 +186,7 @@ def run(
         raise WaltError("this model is class-conditional: pass --class NAME|ID instead of a prompt")
     if pipe.conditioning == "text" and any(v is not None for v in request.labels):
         raise WaltError("this model is text-conditioned: pass a prompt instead of --class")
-    num_frames = request.num_frames or pipe.clip_frames
+    num_frames = request.num_frames or pipe.defaults.get("frames") or pipe.clip_frames
     pipe.check_frames(num_frames)
     fps = float(request.fps or pipe.fps)
     if fps <= 0:
