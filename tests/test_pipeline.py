@@ -295,3 +295,58 @@ def test_export_cli(cli, base_run, tmp_path):
     assert (tmp_path / "b" / "walt_bundle.json").is_file()
     r = cli("export", tmp_path / "missing", "--out", tmp_path / "c")
     assert r.exit_code == 2 and not (tmp_path / "c").exists()
+
+
+def test_model_samples_for_fvd_resume_and_follow_the_real_labels(base_run, tmp_path):
+    from walt_cli.pipelines.evaluation import generate_set
+
+    real = tmp_path / "real.jsonl"
+    real.write_text(
+        '{"path": "a.mp4", "label": 3}\n{"path": "b.mp4", "label": "circle moving up"}\n'
+    )
+    out = tmp_path / "samples"
+    info = generate_set(str(base_run), str(real), out, num_samples=2, steps=[1], accelerator="cpu")
+    assert (info["made"], info["kept"], info["task"]) == (2, 0, "class")
+    assert "2 labelled real clips" in info["conditions"]
+    assert (out / "samples-2.txt").read_text().split() == ["sample-000000", "sample-000001"]
+    stamp = (out / "sample-000000" / "0000.png").stat().st_mtime_ns
+    info = generate_set(str(base_run), str(real), out, num_samples=3, steps=[1], accelerator="cpu")
+    assert (info["made"], info["kept"]) == (1, 2)
+    assert len(list((out / "sample-000002").glob("*.png"))) == 9
+    assert (out / "sample-000000" / "0000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(WaltError, match="other settings"):
+        generate_set(str(base_run), str(real), out, num_samples=3, steps=[2], accelerator="cpu")
+
+
+@pytest.mark.slow
+def test_eval_fvd_of_a_models_samples_writes_json_and_resumes(
+    cli, base_run, tmp_path, monkeypatch, assets
+):
+    from walt_cli.data.video import write_video
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WALT_ASSETS", str(assets))
+    real = tmp_path / "real"
+    g = np.random.default_rng(0)
+    for k in range(3):
+        write_video(real / f"r{k}.mp4", g.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8))
+    fake, out = tmp_path / "samples", tmp_path / "fvd.json"
+    args = ["eval-fvd", "--model", base_run, "--real", real, "--fake", fake, "--protocol",
+            "raw", "--steps", "1", "--json", out]  # fmt: skip
+    r = cli(*args, "-n", "2", "--max-fvd", "1e9")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "raw" and data["num_samples"] == 2 and data["num_fake"] == 2
+    assert data["model"]["model_hashes"] == read_bundle(base_run).hashes
+    assert data["model"]["task"] == "class" and data["passed"] is True
+    assert data["model"]["made"] == 2 and data["model"]["kept"] == 0
+    first = sorted((fake / "sample-000000").glob("*.png"))
+    assert len(first) == 9
+    stamp = first[0].stat().st_mtime_ns
+    r = cli(*args, "-n", "3")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert (data["model"]["made"], data["model"]["kept"], data["num_fake"]) == (1, 2, 3)
+    assert first[0].stat().st_mtime_ns == stamp  # kept, not rewritten
+    r = cli(*args[:-1], tmp_path / "other.json", "-n", "3", "--guidance", "2")
+    assert r.exit_code == 2 and "other settings" in r.output
