@@ -29,7 +29,6 @@ memory from the files and the recipe; `export_bundle` writes it out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,20 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from walt_cli.errors import WaltError
+from walt_cli.metrics.weights import sha256_file  # noqa: F401  (re-exported)
 
 INDEX_FILE = "walt_bundle.json"
 FORMAT = "walt-bundle"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "default"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_model_dir() -> Path:

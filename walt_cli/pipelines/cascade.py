@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -473,6 +473,15 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------
     # Internals
 
+    @contextmanager
+    def _timed(self, name: str):
+        """Add the wall time of the block to `timings[name]` (seconds, summed over clips)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
     def _conditioning(self, b, prompts, labels, text) -> Conditioning:
         kind = self.conditioning
         has_prompt = prompts is not None and any(p for p in prompts)
@@ -504,9 +513,8 @@ class Pipeline:
                 raise WaltError(f"{len(prompts)} prompts for {b} samples")
             if self.text_encoder is None:
                 raise WaltError("this model is text-conditioned but has no text encoder loaded")
-            start = time.perf_counter()
-            states, mask = self.text_encoder.encode(list(prompts))
-            self.timings["text"] = time.perf_counter() - start
+            with self._timed("text"):
+                states, mask = self.text_encoder.encode(list(prompts))
         else:
             states, mask = text
         return Conditioning(
@@ -553,12 +561,9 @@ class Pipeline:
             h, w = stage.latent_grid
             frame_latents = frame_mask = None
             if context is not None:
-                start = time.perf_counter()
-                px = torch.stack([resize_crop(v, "cover", stage.resolution) for v in context])
-                known = stage.normalize(self.encode(px.to(self.device)))  # (B, c, k, h, w)
-                self.timings["encode"] = self.timings.get("encode", 0.0) + (
-                    time.perf_counter() - start
-                )
+                with self._timed("encode"):
+                    px = torch.stack([resize_crop(v, "cover", stage.resolution) for v in context])
+                    known = stage.normalize(self.encode(px.to(self.device)))  # (B, c, k, h, w)
             elif context_latents is not None and i == 0:
                 known = context_latents.to(self.device, torch.float32)
             else:
@@ -568,50 +573,57 @@ class Pipeline:
                 frame_latents = torch.zeros(b, c, frames, h, w, device=self.device)
                 frame_latents[:, :, :k] = known
                 frame_mask = first_frames_mask(b, frames, k, device=self.device)
-            stage_cond = cond
-            lowres = None
-            start = time.perf_counter()
-            if stage.is_sr:
-                z_lr = stage.normalize_lowres(z_raw)
-                eps = self._noise(gens, tuple(z_lr.shape[1:]))
-                level = torch.full((b,), stage.noise_level, device=self.device)
-                lowres = q_sample(z_lr, eps, self.schedule.at(level))  # inputs.noise_augment
-                stage_cond = Conditioning(**{**vars(cond), "noise_level": level})
-            noise = self._noise(gens, (c, frames, h, w))
-            guide = ("labels", "text", "frames") if not stage.is_sr else ("labels", "text")
-            scale = guidance[i]
-            guided = (
-                cond.labels is not None
-                or cond.text is not None
-                or (frame_mask is not None and stage.frame_channels and "frames" in guide)
-            )
-
-            def report(s: DDIMStep, name=stage.name) -> None:
-                if callback is not None:
-                    callback(Progress(name, s.index + 1, s.total, chunk[0] + 1, chunk[1]))
-
-            z = sample(
-                self._net_fn(stage.net),
-                noise,
-                stage_cond,
-                self.schedule,
-                num_steps=steps[i],
-                frame_latents=frame_latents,
-                frame_mask=frame_mask,
-                frame_channels=stage.frame_channels,
-                lowres=lowres,
-                guidance_scale=scale if guided and scale != 1.0 else None,
-                guide=guide,
-                callback=report,
-            )
-            z_raw = stage.denormalize(z)
-            self.timings[stage.name] = self.timings.get(stage.name, 0.0) + (
-                time.perf_counter() - start
-            )
-        start = time.perf_counter()
-        video = self.decode(z_raw, callback=callback, chunk=chunk)
-        self.timings["decode"] = self.timings.get("decode", 0.0) + (time.perf_counter() - start)
+            with self._timed(stage.name):
+                z_raw = self._denoise(
+                    stage, cond, gens, z_raw, frame_latents, frame_mask, steps[i], guidance[i],
+                    chunk, callback,
+                )  # fmt: skip
+        with self._timed("decode"):
+            video = self.decode(z_raw, callback=callback, chunk=chunk)
         return video
+
+    def _denoise(
+        self, stage, cond, gens, z_prev, frame_latents, frame_mask, steps, scale, chunk, callback
+    ) -> Tensor:
+        """One stage's DDIM: its normalised latent from noise (and, for an SR stage, the previous
+        stage's raw latent `z_prev`); returns the raw (denormalised) latent."""
+        b = len(gens)
+        c, frames = stage.net.latent_channels, stage.latent_frames
+        h, w = stage.latent_grid
+        stage_cond, lowres = cond, None
+        if stage.is_sr:
+            z_lr = stage.normalize_lowres(z_prev)
+            eps = self._noise(gens, tuple(z_lr.shape[1:]))
+            level = torch.full((b,), stage.noise_level, device=self.device)
+            lowres = q_sample(z_lr, eps, self.schedule.at(level))  # inputs.noise_augment
+            stage_cond = Conditioning(**{**vars(cond), "noise_level": level})
+        noise = self._noise(gens, (c, frames, h, w))
+        guide = ("labels", "text", "frames") if not stage.is_sr else ("labels", "text")
+        guided = (
+            cond.labels is not None
+            or cond.text is not None
+            or (frame_mask is not None and stage.frame_channels and "frames" in guide)
+        )
+
+        def report(s: DDIMStep) -> None:
+            if callback is not None:
+                callback(Progress(stage.name, s.index + 1, s.total, chunk[0] + 1, chunk[1]))
+
+        z = sample(
+            self._net_fn(stage.net),
+            noise,
+            stage_cond,
+            self.schedule,
+            num_steps=steps,
+            frame_latents=frame_latents,
+            frame_mask=frame_mask,
+            frame_channels=stage.frame_channels,
+            lowres=lowres,
+            guidance_scale=scale if guided and scale != 1.0 else None,
+            guide=guide,
+            callback=report,
+        )
+        return stage.denormalize(z)
 
     def encode(self, video: Tensor) -> Tensor:
         """Pixels (B, 3, T, H, W) in [-1, 1] -> raw latents (one sample at a time if invariant)."""
