@@ -157,7 +157,7 @@ class Pipeline:
         schedule: NoiseSchedule | None = None,
         batch_invariant: bool | None = None,
         precision: str = "auto",
-        decode_chunk: int | None = None,
+        decode_chunk: int | str | None = "auto",
         decode_tile: int = 64,
         decode_overlap: int = 8,
     ) -> None:
@@ -508,7 +508,7 @@ class Pipeline:
         if kind == "unconditional":
             return Conditioning(is_image=is_image)
         if text is None:
-            prompts = list(prompts) if prompts is not None else [""] * b
+            prompts = [p or "" for p in prompts] if prompts is not None else [""] * b
             if len(prompts) != b:
                 raise WaltError(f"{len(prompts)} prompts for {b} samples")
             if self.text_encoder is None:
@@ -634,14 +634,21 @@ class Pipeline:
 
     def decode(self, z: Tensor, *, callback: ProgressFn | None = None, chunk=(0, 1)) -> Tensor:
         """Raw latents (B, c, T, h, w) -> pixels (B, 3, 1 + 4(T-1), 8h, 8w) in [-1, 1]: chunked in
-        time (`decode_chunk` latent frames at a time), tiled in space when the latent grid is
-        larger than `decode_tile`, one sample at a time when batch-invariant."""
+        time (`decode_chunk` latent frames at a time; "auto": one at a time when a tile holds
+        more than 5x32x32 latents, i.e. above 17x256x256 pixels), tiled in space when the latent
+        grid is larger than `decode_tile`, one sample at a time when batch-invariant."""
         rows = [z[i : i + 1] for i in range(z.shape[0])] if self.batch_invariant else [z]
+        chunk_latents = self.decode_chunk
+        if chunk_latents == "auto":  # one latent frame at a time above 17x256x256 (memory)
+            t, h, w = z.shape[2:]
+            chunk_latents = (
+                1 if t * min(h, self.decode_tile) * min(w, self.decode_tile) > 5 * 32 * 32 else None
+            )
         out = []
         for k, row in enumerate(rows):
             out.append(
                 decode_tiled(
-                    lambda part: self.tokenizer.decode(part, chunk_latents=self.decode_chunk),
+                    lambda part: self.tokenizer.decode(part, chunk_latents=chunk_latents),
                     row,
                     tile=self.decode_tile,
                     overlap=self.decode_overlap,
