@@ -61,6 +61,7 @@ def make_run(
     num_classes: int = 10,
     frame_pred: float = 0.5,
     sample: str = "steps: [3, 2]",
+    sr_cond: bool = True,
 ) -> Path:
     """runs/<name> layout: recipe.yaml, tokenizer/, base/, sr1/ (see the module docstring)."""
     torch.manual_seed(0)
@@ -90,7 +91,8 @@ def make_run(
     if sr:
         net = WALT.from_preset(
             "tiny", latent_size=(3, 8, 8), spatial_window=(8, 8), st_window=(4, 4),
-            lowres_factor=2, noise_level_cond=True, **cond,
+            lowres_factor=2, noise_level_cond=True,
+            **(cond if sr_cond else {"num_classes": 0, "text_dim": None}),
         )  # fmt: skip
         _perturb(net, 2)
         net.save(

@@ -58,6 +58,14 @@ def test_seed_per_sample_is_independent_of_the_batch_through_sr(cascade):
     assert set(pipe.timings) >= {"base", "sr1", "decode"}
 
 
+def test_an_sr_stage_reads_only_the_conditions_it_was_built_for(tmp_path):
+    run = make_run(tmp_path / "run", sr_cond=False, sample="steps: [1, 1]")
+    pipe = Pipeline.from_bundle(run, device="cpu")
+    assert pipe.stages[1].net.num_classes == 0
+    video = pipe.generate(seeds=[0], labels=[1], guidance=[2.0, 2.0])
+    assert video.shape == (1, 9, 64, 64, 3)
+
+
 def test_guidance_values_per_stage(cascade):
     pipe = Pipeline.from_bundle(cascade, device="cpu")
     with pytest.raises(WaltError, match="one value or one per stage"):
@@ -135,6 +143,7 @@ def test_text_models_take_prompts_and_refuse_classes(tmp_path):
     a = pipe.generate(seeds=[0, 1], prompts=["a red circle", "a blue square"])
     b = pipe.generate(seeds=[1], prompts=["a blue square"])
     assert torch.equal(a[1:], b)
+    assert torch.equal(pipe.generate(seeds=[2], prompts=[None]), pipe.generate(seeds=[2]))
     with pytest.raises(WaltError, match="not class-conditional"):
         pipe.generate(seeds=[0], labels=[1])
 

@@ -588,20 +588,27 @@ class Pipeline:
         """One stage's DDIM: its normalised latent from noise (and, for an SR stage, the previous
         stage's raw latent `z_prev`); returns the raw (denormalised) latent."""
         b = len(gens)
-        c, frames = stage.net.latent_channels, stage.latent_frames
+        net = stage.net
+        c, frames = net.latent_channels, stage.latent_frames
         h, w = stage.latent_grid
-        stage_cond, lowres = cond, None
+        stage_cond = Conditioning(  # a stage reads only the conditions it was built for
+            labels=cond.labels if net.num_classes else None,
+            text=cond.text if net.text_dim else None,
+            text_mask=cond.text_mask if net.text_dim else None,
+            is_image=cond.is_image,
+        )
+        lowres = None
         if stage.is_sr:
             z_lr = stage.normalize_lowres(z_prev)
             eps = self._noise(gens, tuple(z_lr.shape[1:]))
             level = torch.full((b,), stage.noise_level, device=self.device)
             lowres = q_sample(z_lr, eps, self.schedule.at(level))  # inputs.noise_augment
-            stage_cond = Conditioning(**{**vars(cond), "noise_level": level})
+            stage_cond.noise_level = level
         noise = self._noise(gens, (c, frames, h, w))
         guide = ("labels", "text", "frames") if not stage.is_sr else ("labels", "text")
         guided = (
-            cond.labels is not None
-            or cond.text is not None
+            stage_cond.labels is not None
+            or stage_cond.text is not None
             or (frame_mask is not None and stage.frame_channels and "frames" in guide)
         )
 
@@ -610,7 +617,7 @@ class Pipeline:
                 callback(Progress(stage.name, s.index + 1, s.total, chunk[0] + 1, chunk[1]))
 
         z = sample(
-            self._net_fn(stage.net),
+            self._net_fn(net),
             noise,
             stage_cond,
             self.schedule,
