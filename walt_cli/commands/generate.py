@@ -16,6 +16,20 @@ GUIDANCE_HELP = (
 )
 
 
+# The options `sample` and `animate` share, passed on by name from the command's locals().
+SHARED = (
+    "model",
+    "num_samples",
+    "seed",
+    "steps",
+    "guidance",
+    "frames",
+    "fps",
+    "device",
+    "precision",
+)
+
+
 def _request(
     kind: str,
     *,
@@ -147,20 +161,8 @@ def sample(
     texts = list(prompts or [])
     if prompts_file is not None:
         texts += read_prompts(prompts_file)
-    request = _request(
-        "sample",
-        model=model,
-        prompts=texts,
-        classes=list(classes or []),
-        num_samples=num_samples,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        frames=frames,
-        fps=fps,
-        device=device,
-        precision=precision,
-    )
+    shared = {k: v for k, v in locals().items() if k in SHARED}
+    request = _request("sample", prompts=texts, classes=list(classes or []), **shared)
     _generate(request, out, batch_size, progress_bar)
 
 
@@ -207,19 +209,12 @@ def animate(
         if prompt is not None:
             raise WaltError("pass an IMAGE or --video CLIP, not both")
         image, prompt = None, str(image)
+    shared = {k: v for k, v in locals().items() if k in SHARED}
     request = _request(
         "animate" if video is None else "continue",
-        model=model,
         prompts=[prompt] if prompt else [],
         classes=list(classes or []),
-        num_samples=num_samples,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        frames=frames,
-        fps=fps,
-        device=device,
-        precision=precision,
+        **shared,
         image=None if image is None else str(image),
         video=None if video is None else str(video),
         extra={"context_frames": 5} if video is not None else {},

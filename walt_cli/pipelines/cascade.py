@@ -426,21 +426,14 @@ class Pipeline:
             return video
         return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
-    def animate(
-        self,
-        image: Tensor,
-        *,
-        seeds: Sequence[int],
-        prompts: Sequence[str] | None = None,
-        labels: Sequence[int] | None = None,
-        **kwargs,
-    ) -> Tensor:
+    def animate(self, image: Tensor, prompt: str | None = None, **kwargs) -> Tensor:
         """Image-to-video: `image` uint8 (H, W, 3) (any size: resized to cover the model's
-        resolution and centre-cropped) becomes the first latent frame of every sample."""
+        resolution and centre-cropped) becomes the first latent frame of every sample; `prompt`
+        (one for all samples) or the `generate` keywords (seeds, prompts, labels, ...)."""
+        if prompt is not None:
+            kwargs["prompts"] = [prompt] * len(kwargs["seeds"])
         frames = image[None] if image.ndim == 3 else image
-        return self.continue_video(
-            frames, seeds=seeds, prompts=prompts, labels=labels, context_frames=1, **kwargs
-        )
+        return self.continue_video(frames, context_frames=1, **kwargs)
 
     def continue_video(
         self,
