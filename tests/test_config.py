@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,18 @@ def test_data_paths_are_checked_when_data_is_read(tmp_path: Path):
     recipe = load_recipe(f)
     with pytest.raises(WaltError, match="data.path: folder not found: /nonexistent/videos"):
         build_dataset(recipe.data)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sample.steps=[0]", "sample.steps: must list DDIM steps >= 1"),
+        ("sample.frames=16", "sample.frames: must be 1 + 4k"),
+        ("sample.noise_level=[1.5]", "sample.noise_level: must list levels in [0, 1]"),
+    ],
+)
+def test_sample_section_is_checked(tmp_path: Path, override: str, message: str):
+    with pytest.raises(WaltError, match=re.escape(message)):
+        load_recipe(REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path}", override])
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"run_dir={tmp_path}"])
+    assert list(recipe.sample.steps) == [2, 2]

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 from walt_cli import __version__
 from walt_cli.commands import data as data_cmds
 from walt_cli.commands import eval as eval_cmds
+from walt_cli.commands import generate as generate_cmds
 from walt_cli.commands import tokenize as tokenize_cmds
 from walt_cli.commands import train as train_cmds
 from walt_cli.errors import WaltError
@@ -68,6 +69,9 @@ app.add_typer(data_cmds.app, name="data")
 app.add_typer(tokenize_cmds.app, name="tokenize")
 app.command("train-base")(train_cmds.train_base)
 app.command("train-sr")(train_cmds.train_sr)
+app.command("sample")(generate_cmds.sample)
+app.command("animate")(generate_cmds.animate)
+app.command("export")(generate_cmds.export)
 app.command("eval-fvd")(eval_cmds.eval_fvd)
 
 

@@ -195,6 +195,18 @@ class TextEncoderConfig:
 
 
 @dataclass
+class SampleConfig:
+    """`walt sample` / `walt animate` defaults, stored in exported bundles. Per-stage lists run
+    base, sr1, sr2, ...; a shorter list repeats its last value."""
+
+    steps: list[int] = field(default_factory=lambda: [50, 25])  # DDIM steps per stage
+    guidance: list[float] = field(default_factory=lambda: [1.0])  # CFG per stage; 1 = none
+    noise_level: list[float] | None = None  # SR noise augmentation per SR stage (null: the stage's)
+    fps: float | None = None  # frame rate of written videos (null: data.fps, shapes fps, or 8)
+    frames: int | None = None  # default --frames (null: one clip of the model)
+
+
+@dataclass
 class Recipe:
     name: str = ""  # defaults to the recipe file's stem
     run_dir: str = "runs/${name}"
@@ -204,6 +216,7 @@ class Recipe:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     sr: list[SRConfig] = field(default_factory=list)  # the cascade's stages, 1 first
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +425,7 @@ def validate(recipe: Recipe, *, source: str) -> None:
     _validate_base(recipe.base, source)
     _validate_sr(recipe, source)
     _validate_text_encoder(recipe, source)
+    _validate_sample(recipe.sample, source)
     t = recipe.trainer
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
@@ -554,6 +568,34 @@ def _validate_text_encoder(recipe: Recipe, source: str) -> None:
         source,
         "text_encoder.path",
         "name a T5 encoder: a local directory or a hub id already in the Hugging Face cache",
+    )
+
+
+def _validate_sample(s: SampleConfig, source: str) -> None:
+    _check(
+        len(s.steps) >= 1 and min(s.steps) >= 1,
+        source,
+        "sample.steps",
+        f"must list DDIM steps >= 1 per stage, got {list(s.steps)}",
+    )
+    _check(
+        len(s.guidance) >= 1 and min(s.guidance) >= 0,
+        source,
+        "sample.guidance",
+        f"must list guidance scales >= 0 per stage, got {list(s.guidance)}",
+    )
+    _check(
+        s.noise_level is None or all(0 <= v <= 1 for v in s.noise_level),
+        source,
+        "sample.noise_level",
+        "must list levels in [0, 1] per SR stage (or null)",
+    )
+    _check(s.fps is None or s.fps > 0, source, "sample.fps", f"must be positive, got {s.fps}")
+    _check(
+        s.frames is None or (s.frames >= 1 and (s.frames - 1) % TEMPORAL_FACTOR == 0),
+        source,
+        "sample.frames",
+        f"must be 1 + {TEMPORAL_FACTOR}k (or null), got {s.frames}",
     )
 
 

@@ -12,6 +12,11 @@ Channel order of x_in (B, C_in, T, h, w), documented once here and relied on by 
   grid; the network reads one value per cell and upsamples it with its depth-to-space conv.
 
 With c = 8: 25 channels for a base model, 33 for an SR stage.
+
+`model_input` is the one place that turns a noisy latent and its conditions into x_in, for the
+training loss and for every sampling step alike (DESIGN §5): the conditioning frames of z_t are
+their clean latents noised to the current time with their own fixed noise (what `q_sample` gives
+in training), never the sampler's drifting estimate of them.
 """
 
 from __future__ import annotations
@@ -71,6 +76,42 @@ def build_model_input(
     if lowres is not None:
         parts.append(upsample_lowres(lowres, z_t.shape[-2:]).to(z_t.dtype))
     return torch.cat(parts, dim=1)
+
+
+def model_input(
+    z_t: Tensor,
+    alpha_bar: Tensor,
+    *,
+    self_cond: Tensor | None = None,
+    frame_latents: Tensor | None = None,
+    frame_mask: Tensor | None = None,
+    frame_noise: Tensor | None = None,
+    frame_channels: bool = True,
+    lowres: Tensor | None = None,
+) -> Tensor:
+    """x_in (B, C_in, T, h, w) at one diffusion time, shared by the loss and the sampler.
+
+    z_t (B, c, T, h, w) the noisy latent at alpha_bar (B,); frame_latents (B, c, T, h, w) clean
+    latents of the conditioning frames `frame_mask` (B, T) and frame_noise (B, c, T, h, w) their
+    noise: on those frames z_t becomes q_sample(frame_latents, frame_noise, alpha_bar), as in
+    training, where it is that already. `frame_channels` False keeps the frames out of the
+    [m * z, m] channels (the unconditional branch of guidance on frames, condition dropout, or a
+    stage not trained on frame conditioning: the frames then act through z_t alone).
+    """
+    if frame_latents is not None and frame_mask is not None:
+        if frame_noise is None:
+            raise WaltError("conditioning frames need their noise (frame_noise) to enter z_t")
+        m = frame_mask_channel(frame_mask, z_t).bool()  # (B, 1, T, h, w)
+        noised = q_sample(frame_latents.to(z_t.dtype), frame_noise.to(z_t.dtype), alpha_bar)
+        z_t = torch.where(m, noised, z_t)
+    keep = frame_channels and frame_mask is not None
+    return build_model_input(
+        z_t,
+        self_cond=self_cond,
+        frame_latents=frame_latents if keep else None,
+        frame_mask=frame_mask if keep else None,
+        lowres=lowres,
+    )
 
 
 def frame_prediction_mask(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from walt_cli.diffusion.inputs import build_model_input, frame_prediction_mask
+from walt_cli.diffusion.inputs import frame_prediction_mask, model_input
 from walt_cli.diffusion.schedules import NoiseSchedule, q_sample, v_from_x0_eps, v_to_x0
 from walt_cli.models.transformer import Conditioning
 
@@ -92,18 +92,25 @@ def diffusion_loss(
         if "frames" in cond_drop:
             mask = mask & ~dropped[:, None]
 
+    def inputs(self_cond: Tensor | None) -> Tensor:  # the sampler builds x_in the same way
+        return model_input(
+            z_t,
+            alpha_bar,
+            self_cond=self_cond,
+            frame_latents=z0,
+            frame_mask=mask,
+            frame_noise=eps,
+            lowres=lowres,
+        )
+
     chosen = _bernoulli(p_self_cond, b, generator, device)
     self_cond = torch.zeros_like(z0)
     if bool(chosen.any()):
         with torch.no_grad():
-            x_in = build_model_input(z_t, frame_latents=z0, frame_mask=mask, lowres=lowres)
-            x0_hat = v_to_x0(z_t, net(x_in, t, cond), alpha_bar)
+            x0_hat = v_to_x0(z_t, net(inputs(None), t, cond), alpha_bar)
         self_cond = torch.where(chosen.view(-1, 1, 1, 1, 1), x0_hat.detach(), self_cond)
 
-    x_in = build_model_input(
-        z_t, self_cond=self_cond, frame_latents=z0, frame_mask=mask, lowres=lowres
-    )
-    v_hat = net(x_in, t, cond)
+    v_hat = net(inputs(self_cond), t, cond)
 
     weight = (~mask).to(z0.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1): generated frames
     per_element = (v_hat.float() - target.float()) ** 2 * weight

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from walt_cli.diffusion.inputs import build_model_input
+from walt_cli.diffusion.inputs import model_input
 from walt_cli.diffusion.schedules import NoiseSchedule, v_to_eps, v_to_x0
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import Conditioning
@@ -116,32 +116,55 @@ def denoiser(
     guidance_scale: float | None = None,
     guide: Sequence[Condition] = ("labels", "text", "frames"),
     self_condition: bool = True,
+    schedule: NoiseSchedule | None = None,
+    frame_noise: Tensor | None = None,
+    frame_channels: bool = True,
 ) -> ModelFn:
-    """Wrap the network as a `model_fn` for `ddim`: builds the input channels (self-conditioning
-    estimate, frame condition, low-res latent) and applies classifier-free guidance.
+    """Wrap the network as a `model_fn` for `ddim`: builds the input channels with
+    `inputs.model_input` (self-conditioning estimate, conditioning frames, low-res latent) and
+    applies classifier-free guidance.
+
+    Conditioning frames (`frame_latents`, `frame_mask`) need the `schedule` and their
+    `frame_noise` (B, c, T, h, w): at each step their z_t is q_sample(frame_latents, frame_noise,
+    alpha_bar(t)), as in training. `frame_channels` False keeps them out of the [m * z, m]
+    channels (a stage not trained on frame conditioning: the frames then act through z_t alone).
 
     `guidance_scale` None runs the conditional model alone. A number runs the conditional and
     the unconditional branch in one batch, the latter with the conditions in `guide` dropped
-    (null class, no caption, no frame condition), and mixes them; scale 1 equals the
-    conditional model.
+    (null class, no caption, no frame channels), and mixes them; scale 1 is the conditional
+    model alone (the unconditional branch is skipped: the result is bitwise the unguided one).
     """
     cond = cond if cond is not None else Conditioning()
     unknown = set(guide) - {"labels", "text", "frames"}
     if unknown:
         raise WaltError(f"unknown guidance condition {sorted(unknown)[0]!r}")
+    if frame_mask is not None and schedule is None:
+        raise WaltError("frame conditioning needs the noise schedule (schedule=...)")
 
     def model_fn(x: Tensor, t: Tensor, x0_prev: Tensor | None) -> Tensor:
         sc = x0_prev if (self_condition and x0_prev is not None) else None
-        x_in = build_model_input(
-            x, self_cond=sc, frame_latents=frame_latents, frame_mask=frame_mask, lowres=lowres
-        )
-        if guidance_scale is None:
+        alpha_bar = schedule.at(t) if schedule is not None else None
+
+        def inputs(channels: bool) -> Tensor:
+            return model_input(
+                x,
+                alpha_bar,
+                self_cond=sc,
+                frame_latents=frame_latents,
+                frame_mask=frame_mask,
+                frame_noise=frame_noise,
+                frame_channels=channels,
+                lowres=lowres,
+            )
+
+        x_in = inputs(frame_channels)
+        if guidance_scale is None or guidance_scale == 1.0:  # v_u + 1 (v_c - v_u) = v_c exactly
             return net(x_in, t, cond)
         b = x.shape[0]
         drop = torch.ones(b, dtype=torch.bool, device=x.device)
         uncond = cond.dropped(drop, labels="labels" in guide, text="text" in guide)
-        if "frames" in guide and frame_mask is not None:
-            x_un = build_model_input(x, self_cond=sc, lowres=lowres)
+        if "frames" in guide and frame_mask is not None and frame_channels:
+            x_un = inputs(False)
         else:
             x_un = x_in
         v = net(torch.cat([x_in, x_un]), torch.cat([t, t]), cond.cat(uncond))
@@ -165,11 +188,13 @@ def sample(
     guidance_scale: float | None = None,
     guide: Sequence[Condition] = ("labels", "text", "frames"),
     self_condition: bool = True,
+    frame_channels: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[DDIMStep], None] | None = None,
 ) -> Tensor:
     """Generate latents from `noise` (B, c, T, h, w) with DDIM (50 trailing steps by default, as
-    in the paper). Conditioning frames (`frame_mask` (B, T)) are returned as given."""
+    in the paper). Conditioning frames (`frame_mask` (B, T)) enter every step noised with their
+    part of `noise` (as in training) and are returned as given."""
     model_fn = denoiser(
         net,
         cond,
@@ -179,6 +204,9 @@ def sample(
         guidance_scale=guidance_scale,
         guide=guide,
         self_condition=self_condition,
+        schedule=schedule,
+        frame_noise=noise,
+        frame_channels=frame_channels,
     )
     timesteps = ddim_timesteps(num_steps, schedule.num_steps, spacing)
     z = ddim(

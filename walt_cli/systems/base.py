@@ -29,9 +29,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from walt_cli.diffusion.inputs import first_frames_mask
 from walt_cli.diffusion.losses import diffusion_loss
-from walt_cli.diffusion.samplers import sample
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
 from walt_cli.systems.common import (
@@ -219,45 +217,55 @@ class BaseSystem(DiffusionSystem):
 
     # Previews and export
 
+    def pipeline(self):
+        """The generation pipeline (walt_cli.pipelines) over the EMA model and the tokenizer:
+        previews sample through the same path as `walt sample`."""
+        from walt_cli.pipelines import Pipeline, Stage
+
+        net = self.model
+        f = self.tokenizer.spatial_factor
+        h, w = net.config["latent_size"][1:]
+        stage = Stage(
+            name="base",
+            net=net,
+            mean=self.latent_mean,
+            std=self.latent_std,
+            resolution=(h * f, w * f),
+            frame_channels=self.p_frame_pred > 0,
+        )
+        return Pipeline(self.tokenizer, [stage], schedule=self.schedule, batch_invariant=False)
+
     @torch.no_grad()
     def generate(self, spec: PreviewSpec) -> tuple[Tensor, Tensor | None]:
-        """DDIM samples of the preview spec, decoded: (videos (N, 3, T, H, W) in [-1, 1], the
-        real clips they continue (frames mode) or None)."""
+        """DDIM samples of the preview spec through the pipeline, decoded: (videos
+        (N, 3, T, H, W) in [-1, 1], the real clips they continue (frames mode) or None)."""
         net = self.model
         was_training = net.training
         net.eval()
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in spec.batch.items()}
         z0, cond = self.prepare(batch)
-        n, _, frames = z0.shape[:3]
-        cond.is_image = torch.zeros(n, dtype=torch.bool, device=self.device)
-        frame_latents = frame_mask = None
+        n = z0.shape[0]
+        pipe = self.pipeline()
+        labels = text = cond_latents = None
         if spec.mode == "class":
-            cond.labels = torch.tensor(spec.labels, device=self.device)
-        elif spec.mode == "frames":
-            frame_latents = z0
-            frame_mask = first_frames_mask(n, frames, spec.cond_frames, device=self.device)
-        elif spec.mode == "unconditional":
-            cond = Conditioning(is_image=cond.is_image)
-        g = torch.Generator().manual_seed(spec.seed)
-        noise = torch.randn(z0.shape, generator=g).to(self.device)  # the same noise every time
-        z = sample(
-            net,
-            noise,
-            cond,
-            self.schedule,
-            num_steps=self.preview_steps,
-            frame_latents=frame_latents,
-            frame_mask=frame_mask,
-            guidance_scale=self.guidance_scale,
+            labels = list(spec.labels)
+        elif net.num_classes and spec.mode != "unconditional":
+            labels = cond.labels.reshape(n, -1)[:, 0].tolist()
+        if net.text_dim and spec.mode != "unconditional":
+            text = (cond.text, cond.text_mask)
+        if spec.mode == "frames":
+            cond_latents = z0[:, :, : spec.cond_frames]
+        videos = pipe.generate(
+            seeds=[spec.seed + i for i in range(n)],  # the same noise at every preview
+            labels=labels,
+            text=text,
+            steps=self.preview_steps,
+            guidance=1.0 if self.guidance_scale is None else self.guidance_scale,
+            cond_latents=cond_latents,
+            output="float",
         )
         net.train(was_training)
-        decode = self.tokenizer.decode
-        videos = decode(self.denormalize(z)).float().clamp(-1, 1).cpu()
-        real = (
-            decode(self.denormalize(z0)).float().clamp(-1, 1).cpu()
-            if frame_mask is not None
-            else None
-        )
+        real = pipe.decode(self.denormalize(z0)).cpu() if cond_latents is not None else None
         return videos, real
 
     def write_preview(self) -> Path:
@@ -302,6 +310,15 @@ class BaseSystem(DiffusionSystem):
         out.with_suffix(".json").write_text(json.dumps(about, indent=2) + "\n")
         log.info("step %d: preview %s", step, out)
         return out
+
+    def export_extra(self) -> dict[str, Any]:
+        # What the pipeline needs to know of training: frame conditioning feeds the [m * z, m]
+        # channels only to a model that learned them.
+        return {
+            "p_frame_pred": self.p_frame_pred,
+            "num_cond_frames": list(self.num_cond_frames),
+            "p_cond_drop": self.p_cond_drop,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
