@@ -78,9 +78,9 @@ def test_flex_attention_equals_sdpa_forward(impl):
         torch.testing.assert_close(attn(x[:, :, :4, :8]), (impl("sdpa"), attn(x[:, :, :4, :8]))[1])
 
 
-def _tiny_net(**overrides) -> WALT:
+def _tiny_net(latent_size=(3, 6, 10), **overrides) -> WALT:
     torch.manual_seed(0)
-    net = WALT.from_preset("tiny", latent_size=(3, 6, 10), **overrides).train()
+    net = WALT.from_preset("tiny", latent_size=latent_size, **overrides).train()
     # adaLN-Zero starts every block at the identity: give the modulations weight so that every
     # path (attention, cross-attention, MLP) reaches the output and its gradients.
     for p in net.parameters():
@@ -174,3 +174,122 @@ def test_attention_impl_rejects_unknown_name():
 
     with pytest.raises(WaltError, match="unknown attention implementation"):
         attention.set_attention_impl("fast")
+
+
+@pytest.mark.parametrize("index", [0, 1])  # an SW block with cross-attention, an STW block
+def test_block_compiles_as_one_graph(index):
+    """Regional compilation: a block's forward (window attention with the bias, identity packs,
+    cross-attention, AdaLN) traces as one graph (`fullgraph=True` raises on any graph break),
+    forward and backward, and equals the eager block. The `aot_eager` backend traces exactly
+    what Inductor would compile, without its (minutes-long on a CPU) code generation."""
+    net = _tiny_net(latent_size=(3, 8, 8))
+    block = net.blocks[index]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, net.width, generator=g, requires_grad=True)
+    e, shared = torch.randn(2, 3, net.width, generator=g), torch.randn(2, 3, 6 * net.width)
+    text = torch.randn(2, 3, 4, net.width, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool()[:, None].expand(2, 3, 4)
+    args = (e, shared, torch.tensor([True, False]), text, mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, dynamic=False, backend="aot_eager")
+    out = compiled(x, *args)
+    grads = _grads(block, (out * out.detach()).sum())
+    ref = block(x, *args)
+    ref_grads = _grads(block, (ref * ref.detach()).sum())
+    torch.testing.assert_close(out, ref, **TOL)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak bytes held by PyTorch's CPU allocator while `fn` runs, from the profiler's
+    allocation events (each carries +bytes or -bytes, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_activation_checkpointing_cuts_peak_memory_and_keeps_gradients():
+    """Per-block activation checkpointing (recipe key base.gradient_checkpointing): the same
+    gradients, and a training step's peak memory well below the plain step's."""
+    net = _tiny_net(latent_size=(3, 8, 8))
+    x, t, cond = torch.randn(2, net.in_channels, 3, 8, 8), torch.rand(2), Conditioning()
+    peaks, grads = {}, {}
+    for ckpt in (False, True):
+        net.gradient_checkpointing = ckpt
+
+        def step():
+            net.zero_grad(set_to_none=True)
+            net(x, t, cond).square().mean().backward()
+
+        peaks[ckpt] = _peak_cpu_bytes(step)
+        grads[ckpt] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, **TOL, msg=name)
+    assert peaks[True] < 0.6 * peaks[False], peaks
+
+
+def test_foreach_ema_equals_per_tensor_lerp():
+    from walt_cli.systems.common import ema_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ema = ema_model(net, decay=0.999)
+    expected = [t.detach().clone() for t in (*net.parameters(), *net.buffers())]
+    for n in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].num_batches_tracked += 5
+        d = min(0.999, (1 + n) / (10 + n)) if n else None  # the first update copies
+        current = [t.detach() for t in (*net.parameters(), *net.buffers())]
+        for i, (avg, cur) in enumerate(zip(expected, current, strict=True)):
+            if d is None:
+                expected[i] = cur.clone()
+            elif avg.is_floating_point():
+                expected[i] = avg + (1 - d) * (cur - avg)
+            else:
+                expected[i] = (avg * d + cur * (1 - d)).to(avg.dtype)
+        ema.update_parameters(net)
+    averaged = [t for t in (*ema.module.parameters(), *ema.module.buffers())]
+    for got, want in zip(averaged, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_adamw_equals_for_loop_adamw():
+    from walt_cli.systems.common import adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    fused = adamw(list(a.parameters()), lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for net, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_schedule_table_is_copied_once_per_device():
+    from walt_cli.diffusion.schedules import make_schedule
+
+    schedule = make_schedule()
+    t = torch.tensor([0.0, 0.5, 1.0])
+    first = schedule.at(t)
+    table = schedule.table(t.device)
+    torch.testing.assert_close(schedule.at(t), first)
+    assert schedule.table(t.device) is table  # cached, not copied again
+    torch.testing.assert_close(table, schedule.alpha_bar)

@@ -86,15 +86,18 @@ def diffusion_loss(
         generator=generator,
         device=device,
     )
+    # No host sync on the step's hot path: dropout goes through `where` (a no-op for samples not
+    # dropped), and the self-conditioning pass runs whenever it can be chosen (on the CPU, where
+    # reading the draw costs nothing, it is still skipped when no sample is chosen).
     dropped = _bernoulli(p_cond_drop, b, generator, device)
-    if bool(dropped.any()):
+    if p_cond_drop > 0:
         cond = cond.dropped(dropped, labels="labels" in cond_drop, text="text" in cond_drop)
         if "frames" in cond_drop:
             mask = mask & ~dropped[:, None]
 
     chosen = _bernoulli(p_self_cond, b, generator, device)
     self_cond = torch.zeros_like(z0)
-    if bool(chosen.any()):
+    if p_self_cond > 0 and (device.type != "cpu" or bool(chosen.any())):
         with torch.no_grad():
             x_in = build_model_input(z_t, frame_latents=z0, frame_mask=mask, lowres=lowres)
             x0_hat = v_to_x0(z_t, net(x_in, t, cond), alpha_bar)

@@ -540,6 +540,13 @@ class WALT(nn.Module):
             latent_size=[frames, lat_h, lat_w], spatial_window=list(spatial), st_window=list(st)
         )
 
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional compilation: `torch.compile` each block in place (a block's forward is one
+        graph with no break; blocks of the same kind share the compiled code), leaving the
+        light embedding and input checks eager. `options` go to `torch.compile`."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, "dynamic": False, **options})
+
     # ------------------------------------------------------------------ forward
 
     def _check(self, x_in: Tensor, t: Tensor, cond: Conditioning) -> None:
@@ -577,8 +584,13 @@ class WALT(nn.Module):
                 raise WaltError(
                     f"labels must have shape ({b},) or ({b}, {frames}), got {tuple(cond.labels.shape)}"
                 )
-            if bool((cond.labels >= self.num_classes).any()) or bool((cond.labels < -1).any()):
-                raise WaltError(f"labels must lie in [0, {self.num_classes}) or be -1 (null class)")
+            bad = (cond.labels >= self.num_classes) | (cond.labels < -1)
+            message = f"labels must lie in [0, {self.num_classes}) or be -1 (null class)"
+            if cond.labels.device.type == "cpu":
+                if bool(bad.any()):
+                    raise WaltError(message)
+            else:  # checked on the device, without waiting for it (no host sync per step)
+                torch._assert_async(~bad.any(), message)
         if cond.text is not None:
             if self.text_proj is None:
                 raise WaltError(

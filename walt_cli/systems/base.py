@@ -36,7 +36,13 @@ from walt_cli.diffusion.samplers import sample
 from walt_cli.diffusion.schedules import make_schedule
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
-from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
+from walt_cli.systems.common import (
+    NonFiniteGuard,
+    adamw,
+    ema_model,
+    section_kwargs,
+    warmup_cosine,
+)
 
 log = logging.getLogger("walt.base")
 
@@ -235,9 +241,7 @@ class BaseSystem(L.LightningModule):
             # torch's Adafactor: lr is the largest relative step (scaled by each tensor's RMS).
             opt = torch.optim.Adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.AdamW(
-                params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-            )
+            opt = adamw(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         sched = warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
         return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, sched)]
 
