@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from walt_cli.models import attention
 from walt_cli.models.attention import WindowSelfAttention, set_attention_impl
@@ -293,3 +294,59 @@ def test_schedule_table_is_copied_once_per_device():
     torch.testing.assert_close(schedule.at(t), first)
     assert schedule.table(t.device) is table  # cached, not copied again
     torch.testing.assert_close(table, schedule.alpha_bar)
+
+
+# ---------------------------------------------------------------- tokenizer layers
+
+
+def _reference_frame_group_norm(norm, x):
+    """GroupNorm applied to each frame on its own (the definition), contiguous output."""
+    frames = [
+        F.group_norm(x[:, :, i], norm.num_groups, norm.weight, norm.bias, norm.eps)
+        for i in range(x.shape[2])
+    ]
+    return torch.stack(frames, dim=2)
+
+
+def _reference_causal_conv(layer, x):
+    """Zero-pad k_t - 1 frames in front (F.pad), then the convolution."""
+    return layer.conv(F.pad(x, (0, 0, 0, 0, layer.kernel_t - 1, 0)))
+
+
+def test_tokenizer_layers_equal_reference():
+    """The frame-major layout the layers now pass along (no copy back after each per-frame norm,
+    one copy for the causal padding) changes no value: FrameGroupNorm, CausalConv3d and a
+    residual block against reference compositions, forward and gradients."""
+    from walt_cli.models.layers import CausalConv3d, FrameGroupNorm, ResBlock3d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, 6, requires_grad=True)
+    norm = FrameGroupNorm(4, 8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    torch.testing.assert_close(norm(x), _reference_frame_group_norm(norm, x), **TOL)
+    conv = CausalConv3d(8, 4, 3)
+    torch.testing.assert_close(conv(x), _reference_causal_conv(conv, x), **TOL)
+    permuted = norm(x)  # a frame-major view, as a norm hands it on
+    assert not permuted.is_contiguous()
+    torch.testing.assert_close(conv(permuted), _reference_causal_conv(conv, permuted), **TOL)
+
+    block = ResBlock3d(8, 12, num_groups=4)
+
+    def reference(x):
+        h = _reference_causal_conv(
+            block.conv1, F.silu(_reference_frame_group_norm(block.norm1, x))
+        )
+        h = _reference_causal_conv(
+            block.conv2, F.silu(_reference_frame_group_norm(block.norm2, h))
+        )
+        return block.shortcut(x) + h
+
+    for inp in (x, permuted):
+        out = block(inp)
+        gx = torch.autograd.grad(out.square().sum(), [x, *block.parameters()], retain_graph=True)
+        ref = reference(inp)
+        gr = torch.autograd.grad(ref.square().sum(), [x, *block.parameters()], retain_graph=True)
+        torch.testing.assert_close(out, ref, **TOL)
+        for a, b in zip(gx, gr, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
