@@ -17,19 +17,17 @@ walt: class-conditional (101 classes), AdaLN-LoRA r = 2, SW windows 1x16x16, STW
 T x 8 x 8; Latte: an 8-token caption of width 32 (it cannot run without one).
 
 Timing: every model is timed in turn inside each repetition (interleaved), `--reps` times after
-a warm-up; the median is kept and the ratios are of medians. Memory: each model runs two steps
-in a fresh child process; the figure is that process's peak resident set during the steps
-minus its resident set before them (activations, gradients, optimizer state, workspace).
+a warm-up; the median is kept and the ratios are of medians. Times are CPU seconds of the
+process (robust to other jobs on a shared machine); tokens/s = batch x T x h x w / CPU time.
+Memory: the peak bytes PyTorch's CPU allocator holds during one step above what it held before
+(activations, gradients, optimizer state, workspace), from the profiler's allocation events.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,11 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TRAIN = dict(depth=8, width=256, heads=4, batch=2)
 SAMPLE = dict(depth=4, width=64, heads=4, batch=2, grid=(5, 16, 16), steps=50)
 CAPTION = (8, 32)  # Latte's caption: tokens, width
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def build(kind: str, grid, depth: int, width: int, heads: int):
@@ -163,43 +156,40 @@ def sample_fn(kind: str):
 
 
 def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each closure, timed in turn within each of `reps` rounds."""
+    """Median CPU seconds of each closure, timed in turn within each of `reps` rounds.
+
+    CPU time of this process (`time.process_time`, all its threads), not wall time: on a
+    machine shared with other jobs a wall-clock step mostly measures the scheduler, while the
+    CPU time a step consumes is its work."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def child(spec: dict) -> dict:
-    """Peak memory of two training steps of one model (run in a fresh process)."""
-    import torch
+def peak_mib(fn) -> float:
+    """Peak MiB held by PyTorch's CPU allocator during one call of `fn` above what was held
+    before it (activations, gradients, optimizer state, workspace), from the profiler's
+    allocation events."""
+    from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(spec["threads"])
-    step, _ = train_step_fn(spec["kind"], tuple(spec["grid"]), TRAIN["batch"], **_size())
-    rss0 = _rss_bytes()
-    step()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    return dict(peak_mib=peak / 2**20)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _size() -> dict:
     return {k: TRAIN[k] for k in ("depth", "width", "heads")}
-
-
-def peak_mib(kind: str, grid, threads: int) -> float:
-    spec = json.dumps(dict(kind=kind, grid=list(grid), threads=threads))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False
-    )
-    if proc.returncode:
-        raise SystemExit(f"memory child failed for {kind} {grid}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def machine(threads: int) -> str:
@@ -226,14 +216,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--compile", action="store_true", help="also time regional compile")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import importlib.util
+
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if importlib.util.find_spec("diffusers") is None:
+        print("bench_peers: skipped, diffusers is not installed (pip install -e .[bench])")
         return
+    torch.set_num_threads(args.threads)
     print(f"Machine: {machine(args.threads)}. Median of {args.reps} interleaved repetitions.\n")
     if args.only != "sample":
         kinds = ["walt", "latte"] + (["walt-compiled"] if args.compile else [])
@@ -244,7 +235,7 @@ def main() -> None:
         )
         print(
             "| latent grid | walt params | Latte params | walt tokens/s | Latte tokens/s "
-            "| walt / Latte tokens/s | walt MiB | Latte MiB | walt / Latte memory |"
+            "| walt / Latte tokens/s | walt peak MiB | Latte peak MiB | walt / Latte memory |"
             + (" compiled walt tokens/s | compiled / eager |" if args.compile else "")
         )
         print("|---" * (9 + 2 * args.compile) + "|")
@@ -259,7 +250,9 @@ def main() -> None:
             params = {k: sum(p.numel() for p in n.parameters()) / 1e6 for k, n in nets.items()}
             mem = {"walt": float("nan"), "latte": float("nan")}
             if not args.no_memory:
-                mem = {k: peak_mib(k, grid, args.threads) for k in ("walt", "latte")}
+                for kind in ("walt", "latte"):
+                    nets[kind].zero_grad(set_to_none=True)  # gradients are part of the peak
+                    mem[kind] = peak_mib(fns[kind])
             row = (
                 f"| {text} | {params['walt']:.2f}M | {params['latte']:.2f}M | {rate['walt']:.0f} "
                 f"| {rate['latte']:.0f} | **{rate['walt'] / rate['latte']:.2f}x** "
@@ -283,7 +276,7 @@ def main() -> None:
             f"{s['depth']} attention blocks (walt: self-conditioning on, as it samples; Latte: "
             "diffusers' DDIMScheduler).\n"
         )
-        print("| walt params | Latte params | walt s | Latte s | Latte / walt time |")
+        print("| walt params | Latte params | walt CPU s | Latte CPU s | Latte / walt time |")
         print("|---|---|---|---|---|")
         print(
             f"| {params['walt']:.2f}M | {params['latte']:.2f}M | {med['walt']:.2f} "

@@ -334,12 +334,8 @@ def test_tokenizer_layers_equal_reference():
     block = ResBlock3d(8, 12, num_groups=4)
 
     def reference(x):
-        h = _reference_causal_conv(
-            block.conv1, F.silu(_reference_frame_group_norm(block.norm1, x))
-        )
-        h = _reference_causal_conv(
-            block.conv2, F.silu(_reference_frame_group_norm(block.norm2, h))
-        )
+        h = _reference_causal_conv(block.conv1, F.silu(_reference_frame_group_norm(block.norm1, x)))
+        h = _reference_causal_conv(block.conv2, F.silu(_reference_frame_group_norm(block.norm2, h)))
         return block.shortcut(x) + h
 
     for inp in (x, permuted):
@@ -350,3 +346,17 @@ def test_tokenizer_layers_equal_reference():
         torch.testing.assert_close(out, ref, **TOL)
         for a, b in zip(gx, gr, strict=True):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_inference_bias_cache_follows_the_table():
+    """Without gradients the gathered bias is reused, and refreshed when the table changes
+    (an optimizer or EMA step updates it in place)."""
+    from walt_cli.models.attention import RelativePositionBias
+
+    bias = RelativePositionBias((2, 3, 3), heads=2)
+    with torch.no_grad():
+        first = bias((2, 3, 3))
+        assert bias((2, 3, 3)) is first
+        bias.table.add_(1.0)
+        torch.testing.assert_close(bias((2, 3, 3)), first + 1.0)
+    assert bias((2, 3, 3)).requires_grad  # with gradients: gathered in the graph

@@ -138,8 +138,22 @@ class RelativePositionBias(nn.Module):
         nn.init.trunc_normal_(self.table, std=0.02)
 
     def forward(self, window: Window) -> Tensor:
-        """(heads, N, N) bias for an effective window (wt, wh, ww)."""
-        index = relative_index(tuple(window), self.window, self.table.device)
+        """(heads, N, N) bias for an effective window (wt, wh, ww).
+
+        Without a gradient to the table (sampling, evaluation) the gathered bias is kept until
+        the table changes (an optimizer or EMA step, a load), so 50 sampling steps gather once."""
+        window = tuple(window)
+        if torch.compiler.is_compiling() or (self.table.requires_grad and torch.is_grad_enabled()):
+            return self._gather(window)
+        key = (window, id(self.table), self.table._version)
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = self._gather(window)
+        return cache[key]
+
+    def _gather(self, window: Window) -> Tensor:
+        index = relative_index(window, self.window, self.table.device)
         return self.table.flatten(1)[:, index]  # (heads, N, N)
 
     @torch.no_grad()
