@@ -173,19 +173,11 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
 
 
 def peak_mib(fn) -> float:
-    """Peak MiB held by PyTorch's CPU allocator during one call of `fn` above what was held
-    before it (activations, gradients, optimizer state, workspace), from the profiler's
-    allocation events."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak MiB held by PyTorch's CPU allocator during one call of `fn` above what it held
+    before (activations, gradients, optimizer state, workspace)."""
+    from walt_cli.profiling import peak_cpu_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
+    return peak_cpu_bytes(fn) / 2**20
 
 
 def _size() -> dict:

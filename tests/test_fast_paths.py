@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from walt_cli.models import attention
 from walt_cli.models.attention import WindowSelfAttention, set_attention_impl
 from walt_cli.models.transformer import WALT, Conditioning
+from walt_cli.profiling import peak_cpu_bytes
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 
@@ -202,21 +203,6 @@ def test_block_compiles_as_one_graph(index):
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
-def _peak_cpu_bytes(fn) -> int:
-    """Peak bytes held by PyTorch's CPU allocator while `fn` runs, from the profiler's
-    allocation events (each carries +bytes or -bytes, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_activation_checkpointing_cuts_peak_memory_and_keeps_gradients():
     """Per-block activation checkpointing (recipe key base.gradient_checkpointing): the same
     gradients, and a training step's peak memory well below the plain step's."""
@@ -230,7 +216,7 @@ def test_activation_checkpointing_cuts_peak_memory_and_keeps_gradients():
             net.zero_grad(set_to_none=True)
             net(x, t, cond).square().mean().backward()
 
-        peaks[ckpt] = _peak_cpu_bytes(step)
+        peaks[ckpt] = peak_cpu_bytes(step)
         grads[ckpt] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, **TOL, msg=name)
