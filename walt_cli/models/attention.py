@@ -178,8 +178,8 @@ class RelativePositionBias(nn.Module):
 #   reference). In inference it runs a fused kernel; in training a learned bias needs its
 #   gradient, which no fused SDPA kernel gives, so it falls back to the MATH kernel.
 # - "window": the same computation by hand (`WindowAttentionFunction`), the CPU training path:
-#   the bias is added in place, only the softmax is kept for the backward pass, and the bias
-#   gradient is summed over the windows directly; no (B nW, heads, N, N) mask is expanded.
+#   the bias is added in place, only the softmax's log-normaliser is kept for the backward
+#   pass, and the bias gradient is summed over the windows directly; no mask is expanded.
 # - "flex": FlexAttention with the bias as a `score_mod` and the padding as a block mask, the
 #   CUDA path (a fused, compiled kernel that also differentiates the bias table).
 
@@ -214,37 +214,46 @@ class WindowAttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + bias + pad) v with a hand-written backward (FlashAttention's
     gradient identities), for a learned bias on CPU.
 
-    Written by hand because SDPA's fused kernels return no gradient for an additive mask and its
-    MATH fallback expands the mask per window, checks every row for -inf and keeps scaled copies
-    of q and k; here the only N x N tensor kept for the backward pass is the softmax P.
+    Written by hand because SDPA's fused kernels return no gradient for an additive mask, and
+    its MATH fallback expands the mask per window, checks every row for -inf, keeps scaled
+    copies of q and k and the (B nW, heads, N, N) softmax for the backward pass. Here only the
+    row log-sum-exp (B nW, heads, N) is kept and the softmax is recomputed in the backward pass
+    (one more q k^T product), so a window's attention matrix never outlives its layer.
 
     q, k, v (B nW, heads, N, d); bias (heads, N, N) or None; pad (nW, 1, 1, N) additive
     (0 / -inf) or None, shared by the B samples.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, pad, scale: float):  # type: ignore[override]
+    def _logits(q, k, bias, pad, scale: float) -> Tensor:
         s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B nW, heads, N, N)
         if bias is not None:
             s += bias
         if pad is not None:
             n, heads, length, _ = s.shape
             s.view(-1, pad.shape[0], heads, length, length).add_(pad)
-        p = torch.softmax(s, dim=-1)
-        del s
+        return s
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, pad, scale: float):  # type: ignore[override]
+        s = WindowAttentionFunction._logits(q, k, bias, pad, scale)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B nW, heads, N, 1)
+        p = s.sub_(lse).exp_()  # softmax, in place of the logits
         out = torch.matmul(p, v)  # (B nW, heads, N, d)
-        ctx.save_for_backward(q, k, v, p, out)
+        ctx.save_for_backward(q, k, v, bias, pad, lse, out)
         ctx.scale = scale
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, p, out = ctx.saved_tensors
+        q, k, v, bias, pad, lse, out = ctx.saved_tensors
+        p = WindowAttentionFunction._logits(q, k, bias, pad, ctx.scale).sub_(lse).exp_()
         grad_v = torch.matmul(p.transpose(-1, -2), grad_out)
         # dS = P * (dP - rowsum(dO * O)), with rowsum(dO * O) = rowsum(P * dP)
         ds = torch.matmul(grad_out, v.transpose(-1, -2))  # dP
         ds.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(p)
+        del p
         grad_bias = ds.sum(0) if ctx.bias_grad else None  # (heads, N, N)
         grad_q = torch.matmul(ds, k).mul_(ctx.scale)
         grad_k = torch.matmul(ds.transpose(-1, -2), q).mul_(ctx.scale)
