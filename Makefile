@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install assets test test-all lint fmt bench clean
+.PHONY: help install assets test test-all lint fmt bench bench-gpu clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,8 +32,11 @@ fmt:  ## ruff: fix what can be fixed and format
 	$(PYTHON) -m ruff check --fix walt_cli tests bench
 	$(PYTHON) -m ruff format walt_cli tests bench
 
-bench:  ## run every benchmark in bench/ (CPU numbers; see BENCHMARKS.md)
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+bench:  ## run every CPU benchmark in bench/ (see BENCHMARKS.md; `pip install -e .[bench]` for the peers)
+	@for b in $(filter-out bench/bench_gpu.py,$(wildcard bench/bench_*.py)); do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+bench-gpu:  ## GPU benchmark: walt-l / walt-xl bf16, eager vs compiled, checkpointing (< 8 min on one H100)
+	$(PYTHON) bench/bench_gpu.py
 
 clean:  ## remove caches and build files (never runs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

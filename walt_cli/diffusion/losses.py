@@ -86,8 +86,11 @@ def diffusion_loss(
         generator=generator,
         device=device,
     )
+    # No host sync on the step's hot path: dropout goes through `where` (a no-op for samples not
+    # dropped), and the self-conditioning pass runs whenever it can be chosen (on the CPU, where
+    # reading the draw costs nothing, it is still skipped when no sample is chosen).
     dropped = _bernoulli(p_cond_drop, b, generator, device)
-    if bool(dropped.any()):
+    if p_cond_drop > 0:
         cond = cond.dropped(dropped, labels="labels" in cond_drop, text="text" in cond_drop)
         if "frames" in cond_drop:
             mask = mask & ~dropped[:, None]
@@ -105,7 +108,7 @@ def diffusion_loss(
 
     chosen = _bernoulli(p_self_cond, b, generator, device)
     self_cond = torch.zeros_like(z0)
-    if bool(chosen.any()):
+    if p_self_cond > 0 and (device.type != "cpu" or bool(chosen.any())):
         with torch.no_grad():
             x0_hat = v_to_x0(z_t, net(inputs(None), t, cond), alpha_bar)
         self_cond = torch.where(chosen.view(-1, 1, 1, 1, 1), x0_hat.detach(), self_cond)

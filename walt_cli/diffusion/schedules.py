@@ -14,7 +14,7 @@ between steps alpha_bar is interpolated linearly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -52,14 +52,23 @@ class NoiseSchedule:
     """A discrete alpha_bar table, step 0 (least noise) to N - 1 (pure noise when rescaled)."""
 
     alpha_bar: Tensor  # (N,) float64, decreasing
+    # the table on each device it was asked on: one host-to-device copy, not one per call
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
         return self.alpha_bar.shape[0]
 
+    def table(self, device: torch.device) -> Tensor:
+        """The alpha_bar table (float64) on `device`, copied there once."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = self.alpha_bar.to(device)
+        return self._on_device[key]
+
     def at(self, t: Tensor) -> Tensor:
         """alpha_bar at continuous times t in [0, 1] (any shape), float32 on t's device."""
-        table = self.alpha_bar.to(t.device)
+        table = self.table(t.device)
         pos = t.double().clamp(0, 1) * (self.num_steps - 1)
         lo = pos.floor().long().clamp(max=self.num_steps - 1)
         hi = (lo + 1).clamp(max=self.num_steps - 1)

@@ -19,7 +19,7 @@ Window rules (DESIGN §5):
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import os
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +91,8 @@ def key_padding_mask(
 # ---------------------------------------------------------------- relative position bias
 
 
-@lru_cache(maxsize=64)
-def _relative_index_cpu(window: Window, table: Window) -> Tensor:
+def _relative_index(window: Window, table: Window) -> Tensor:
+    """(N, N) long on the CPU: flat index into a `(2*Wt-1) x (2*Wh-1) x (2*Ww-1)` bias table."""
     coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in window), indexing="ij")).flatten(
         1
     )  # (3, N)
@@ -109,10 +109,15 @@ _INDEX_CACHE: dict[tuple[Window, Window, str], Tensor] = {}
 
 
 def relative_index(window: Window, table: Window, device: torch.device) -> Tensor:
-    """(N, N) long: flat index into a `(2*Wt-1) x (2*Wh-1) x (2*Ww-1)` bias table (Swin)."""
+    """(N, N) long: flat index into a `(2*Wt-1) x (2*Wh-1) x (2*Ww-1)` bias table (Swin).
+
+    Cached per (window, table, device) in eager mode; under `torch.compile` it is built in the
+    graph (a constant there), since a Python-side cache would break the graph."""
+    if torch.compiler.is_compiling():
+        return _relative_index(window, table).to(device)
     key = (window, table, str(device))
     if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = _relative_index_cpu(window, table).to(device)
+        _INDEX_CACHE[key] = _relative_index(window, table).to(device)
     return _INDEX_CACHE[key]
 
 
@@ -133,8 +138,22 @@ class RelativePositionBias(nn.Module):
         nn.init.trunc_normal_(self.table, std=0.02)
 
     def forward(self, window: Window) -> Tensor:
-        """(heads, N, N) bias for an effective window (wt, wh, ww)."""
-        index = relative_index(tuple(window), self.window, self.table.device)
+        """(heads, N, N) bias for an effective window (wt, wh, ww).
+
+        Without a gradient to the table (sampling, evaluation) the gathered bias is kept until
+        the table changes (an optimizer or EMA step, a load), so 50 sampling steps gather once."""
+        window = tuple(window)
+        if torch.compiler.is_compiling() or (self.table.requires_grad and torch.is_grad_enabled()):
+            return self._gather(window)
+        key = (window, id(self.table), self.table._version)
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = self._gather(window)
+        return cache[key]
+
+    def _gather(self, window: Window) -> Tensor:
+        index = relative_index(window, self.window, self.table.device)
         return self.table.flatten(1)[:, index]  # (heads, N, N)
 
     @torch.no_grad()
@@ -149,6 +168,181 @@ class RelativePositionBias(nn.Module):
         )[0]
         self.table = nn.Parameter(table.to(self.table.dtype))
         self.window = window
+
+
+# ---------------------------------------------------------------- window attention kernels
+#
+# Three implementations of softmax(q k^T / sqrt(d) + bias + padding) v over windows, equal to
+# float tolerance (tests/test_attention.py), chosen by `attention_impl`:
+# - "sdpa": `F.scaled_dot_product_attention` with the bias and padding as one additive mask (the
+#   reference). In inference it runs a fused kernel; in training a learned bias needs its
+#   gradient, which no fused SDPA kernel gives, so it falls back to the MATH kernel.
+# - "window": the same computation by hand (`WindowAttentionFunction`), the CPU training path:
+#   the bias is added in place, only the softmax's log-normaliser is kept for the backward
+#   pass, and the bias gradient is summed over the windows directly; no mask is expanded.
+# - "flex": FlexAttention with the bias as a `score_mod` and the padding as a block mask, the
+#   CUDA path (a fused, compiled kernel that also differentiates the bias table).
+
+ATTENTION_IMPLS = ("auto", "sdpa", "window", "flex")
+_attention_impl = os.environ.get("WALT_ATTENTION", "auto")
+
+
+def set_attention_impl(name: str) -> None:
+    """Force one window-attention implementation for every layer ("auto" restores the default:
+    FlexAttention on CUDA, the hand-written kernel for CPU training, SDPA otherwise)."""
+    global _attention_impl
+    if name not in ATTENTION_IMPLS:
+        raise WaltError(
+            f"unknown attention implementation {name!r}; choose one of {ATTENTION_IMPLS}"
+        )
+    _attention_impl = name
+
+
+def attention_impl(q: Tensor, *, bias_grad: bool) -> str:
+    """The implementation `window_attention` runs for queries q with a bias that needs a gradient
+    (`bias_grad`) or not."""
+    if _attention_impl != "auto":
+        return _attention_impl
+    if q.device.type == "cuda" and _flex_available():
+        return "flex"
+    if bias_grad and torch.is_grad_enabled():
+        return "window"
+    return "sdpa"
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """softmax(q k^T * scale + bias + pad) v with a hand-written backward (FlashAttention's
+    gradient identities), for a learned bias on CPU.
+
+    Written by hand because SDPA's fused kernels return no gradient for an additive mask, and
+    its MATH fallback expands the mask per window, checks every row for -inf, keeps scaled
+    copies of q and k and the (B nW, heads, N, N) softmax for the backward pass. Here only the
+    row log-sum-exp (B nW, heads, N) is kept and the softmax is recomputed in the backward pass
+    (one more q k^T product), so a window's attention matrix never outlives its layer.
+
+    q, k, v (B nW, heads, N, d); bias (heads, N, N) or None; pad (nW, 1, 1, N) additive
+    (0 / -inf) or None, shared by the B samples.
+    """
+
+    @staticmethod
+    def _logits(q, k, bias, pad, scale: float) -> Tensor:
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B nW, heads, N, N)
+        if bias is not None:
+            s += bias
+        if pad is not None:
+            n, heads, length, _ = s.shape
+            s.view(-1, pad.shape[0], heads, length, length).add_(pad)
+        return s
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, pad, scale: float):  # type: ignore[override]
+        s = WindowAttentionFunction._logits(q, k, bias, pad, scale)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B nW, heads, N, 1)
+        p = s.sub_(lse).exp_()  # softmax, in place of the logits
+        out = torch.matmul(p, v)  # (B nW, heads, N, d)
+        ctx.save_for_backward(q, k, v, bias, pad, lse, out)
+        ctx.scale = scale
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, bias, pad, lse, out = ctx.saved_tensors
+        p = WindowAttentionFunction._logits(q, k, bias, pad, ctx.scale).sub_(lse).exp_()
+        grad_v = torch.matmul(p.transpose(-1, -2), grad_out)
+        # dS = P * (dP - rowsum(dO * O)), with rowsum(dO * O) = rowsum(P * dP)
+        ds = torch.matmul(grad_out, v.transpose(-1, -2))  # dP
+        ds.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(p)
+        del p
+        grad_bias = ds.sum(0) if ctx.bias_grad else None  # (heads, N, N)
+        grad_q = torch.matmul(ds, k).mul_(ctx.scale)
+        grad_k = torch.matmul(ds.transpose(-1, -2), q).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+def _flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False
+    return True
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(q, k, v, score_mod, block_mask):
+    """FlexAttention, compiled once outside a compiled region (eager FlexAttention is a slow
+    reference; inside `torch.compile` it is traced into the block's graph)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or q.device.type == "cpu":
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def _flex_window_attention(q, k, v, table, index, keep):
+    """FlexAttention over windows: the bias read from the flat table (heads, M) through the
+    relative index (N, N) in a `score_mod`; padded keys (keep (nW, N) False) removed by a block
+    mask (window b of the batch is window b % nW of its sample)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    score_mod = None
+    if table is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, index[q_idx, kv_idx]]
+
+    block_mask = None
+    if keep is not None:
+        n_win = keep.shape[0]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return keep[b % n_win, kv_idx]
+
+        n, _, length, _ = q.shape
+        block_mask = create_block_mask(mask_mod, n, None, length, length, device=q.device)
+    return _flex_attention(q, k, v, score_mod, block_mask)
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: RelativePositionBias | None,
+    window: Window,
+    keep: Tensor | None,
+    impl: str | None = None,
+) -> Tensor:
+    """Self-attention inside windows: q, k, v (B nW, heads, N, d) -> (B nW, heads, N, d), with the
+    relative position bias of `window` and padded keys (keep (nW, N) False) masked out."""
+    impl = impl or attention_impl(q, bias_grad=bias is not None and bias.table.requires_grad)
+    if impl == "flex":
+        table = index = None
+        if bias is not None:
+            table = bias.table.flatten(1).to(q.dtype)  # (heads, M)
+            index = relative_index(window, bias.window, q.device)
+        return _flex_window_attention(q, k, v, table, index, keep)
+    pad = None
+    if keep is not None:
+        pad = torch.zeros(keep.shape, device=q.device, dtype=q.dtype).masked_fill(
+            ~keep, float("-inf")
+        )[:, None, None, :]  # (nW, 1, 1, N)
+    table_bias = None if bias is None else bias(window).to(q.dtype)  # (heads, N, N)
+    if impl == "window":
+        scale = q.shape[-1] ** -0.5
+        return WindowAttentionFunction.apply(q, k, v, table_bias, pad, scale)
+    if impl != "sdpa":
+        raise WaltError(f"unknown attention implementation {impl!r}")
+    mask = None if table_bias is None else table_bias[None]  # (1, heads, N, N)
+    if pad is not None:
+        mask = pad if mask is None else mask + pad  # (nW, heads, N, N)
+        mask = mask.repeat(q.shape[0] // pad.shape[0], 1, 1, 1)  # one per (sample, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 # ---------------------------------------------------------------- SDPA backend report
@@ -192,9 +386,18 @@ def sdpa_backend(
 # ---------------------------------------------------------------- attention layers
 
 
+class QKNorm(nn.RMSNorm):
+    """Query-key normalisation (ViT-22B; [P Table 3e]) as RMSNorm over the head dimension, with
+    the weight cast to the input's dtype so that under autocast (bf16 q, k; fp32 weight) it
+    keeps PyTorch's fused RMSNorm instead of warning and taking the slow path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def _qk_norm(head_dim: int, enabled: bool) -> nn.Module:
-    # Query-key normalisation (ViT-22B; [P Table 3e]) as RMSNorm over the head dimension.
-    return nn.RMSNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
+    return QKNorm(head_dim, eps=1e-6) if enabled else nn.Identity()
 
 
 class WindowSelfAttention(nn.Module):
@@ -234,19 +437,9 @@ class WindowSelfAttention(nn.Module):
         table = (max_frames if temporal else 1, *self.window)
         self.bias = RelativePositionBias(table, heads) if relative_bias else None
 
-    def _mask(self, window: Window, grid: tuple, valid_hw: tuple, device) -> Tensor | None:
-        """Additive mask (1 or nW, heads, N, N): relative bias plus -inf on padded keys."""
-        mask = None if self.bias is None else self.bias(window)[None]  # (1, heads, N, N)
-        if grid[1:] != tuple(valid_hw):
-            keep = key_padding_mask(grid, window, valid_hw, device)  # (nW, N)
-            pad = torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
-            pad = pad[:, None, None, :]  # (nW, 1, 1, N)
-            mask = pad if mask is None else mask + pad  # (nW, heads, N, N)
-        return mask
-
     def forward(self, x: Tensor, identity: Tensor | None = None) -> Tensor:
         """x (B, T, H, W, C) -> (B, T, H, W, C). `identity` (B,) bool marks samples whose tokens
-        attend only to themselves (image samples in STW layers)."""
+        attend only to themselves (packs of independent images in STW layers)."""
         b, t, h, w, _ = x.shape
         window = effective_window((t, h, w), self.window, self.temporal)
         x, (pad_h, pad_w) = pad_to_windows(x, window)
@@ -256,38 +449,53 @@ class WindowSelfAttention(nn.Module):
         xw = window_partition(x, window)  # (B nW, N, C)
         q, k, v = rearrange(self.qkv(xw), "n l (three h d) -> three n h l d", three=3, h=self.heads)
         q, k = self.q_norm(q), self.k_norm(k)  # (B nW, heads, N, head_dim)
-        mask = self._mask(window, grid, (h, w), x.device)
-        if mask is not None:
-            mask = mask.to(q.dtype)
-            if mask.shape[0] > 1:  # per-window padding mask -> one per (sample, window)
-                mask = mask.repeat(b, 1, 1, 1)
+        keep = (
+            None if (pad_h, pad_w) == (0, 0) else key_padding_mask(grid, window, (h, w), x.device)
+        )
 
-        if identity is None or not bool(identity.any()):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif bool(identity.all()):
-            out = v  # identity attention: softmax over the token itself = its value
-        else:
-            attend = ~identity.repeat_interleave(n_win)  # (B nW,) windows of video samples
-            if mask is not None and mask.shape[0] > 1:
-                mask = mask[attend]
-            out = v.clone()
-            out[attend] = F.scaled_dot_product_attention(
-                q[attend], k[attend], v[attend], attn_mask=mask
-            )
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return window_attention(q, k, v, bias=self.bias, window=window, keep=keep)
+
+        if identity is None:
+            out = attend(q, k, v)
+        elif x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Reading the flags costs no device sync here: attend over the video samples only.
+            video = (~identity).nonzero().flatten().tolist()
+            if len(video) == b:
+                out = attend(q, k, v)
+            else:  # identity attention: softmax over the token itself = its value
+                out = v.clone()
+                if video:
+                    rows = torch.tensor(
+                        [i * n_win + j for i in video for j in range(n_win)], device=x.device
+                    )
+                    out[rows] = attend(q[rows], k[rows], v[rows])
+        else:  # no data-dependent shapes (no host sync, one compiled graph)
+            image = identity.repeat_interleave(n_win)[:, None, None, None]  # (B nW, 1, 1, 1)
+            out = torch.where(image, v, attend(q, k, v))
         out = self.proj(rearrange(out, "n h l d -> n l (h d)"))  # (B nW, N, C)
         out = window_merge(out, window, grid)  # (B, T, H', W', C)
         return out[:, :, :h, :w]
 
     def backend(self, x: Tensor, *, training: bool = False) -> str:
-        """Which SDPA kernel this layer's windows run on for x (B, T, H, W, C)."""
+        """The attention implementation (and SDPA kernel) this layer runs for x (B, T, H, W, C):
+        "window" (hand-written, CPU training with a learned bias), "flex" (FlexAttention, CUDA)
+        or "sdpa:<KERNEL>"."""
         b, t, h, w, c = x.shape
         window = effective_window((t, h, w), self.window, self.temporal)
         grid = (t, math.ceil(h / window[1]) * window[1], math.ceil(w / window[2]) * window[2])
         n = window[0] * window[1] * window[2]
         q = x.new_zeros(1, self.heads, n, self.head_dim)  # one window
-        mask = self._mask(window, grid, (h, w), x.device)
-        mask = None if mask is None else mask[:1].to(q.dtype)
-        return sdpa_backend(q, q, q, mask, training=training)
+        with torch.set_grad_enabled(training):
+            impl = attention_impl(q, bias_grad=self.bias is not None and training)
+        if impl != "sdpa":
+            return impl
+        mask = None if self.bias is None else self.bias(window)[None].to(q.dtype)
+        if grid[1:] != (h, w):
+            keep = key_padding_mask(grid, window, (h, w), x.device)[:1]
+            pad = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+            mask = pad[:, None, None, :] if mask is None else mask + pad[:, None, None, :]
+        return "sdpa:" + sdpa_backend(q, q, q, mask, training=training)
 
 
 class WindowCrossAttention(nn.Module):

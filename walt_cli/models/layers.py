@@ -65,7 +65,12 @@ class CausalConv3d(nn.Module):
         # x: (B, C, T, H, W)
         pad = self.kernel_t - 1
         if state is None:
-            return self.conv(F.pad(x, (0, 0, 0, 0, pad, 0)))  # (B, C', T', H', W')
+            # One copy that also makes x contiguous (a frame-normalised input arrives in its
+            # norm's frame-major layout): cat writes each element once, where F.pad would first
+            # fill the whole padded tensor and then copy x into it.
+            if pad:
+                x = torch.cat([x.new_zeros(*x.shape[:2], pad, *x.shape[3:]), x], dim=2)
+            return self.conv(x.contiguous())  # (B, C', T', H', W')
         # Streaming: the frames kept from the previous chunk replace the zero padding.
         past = state.get(self)
         if past is None:
@@ -101,8 +106,11 @@ class FrameGroupNorm(nn.GroupNorm):
         # x: (B, C, T, H, W)
         b = x.shape[0]
         y = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))
-        # Contiguous again: on CPU, oneDNN's conv3d refuses permuted inputs (a 3x slower path).
-        return rearrange(y, "(b t) c h w -> b c t h w", b=b).contiguous()
+        # Returned as a view in the frame-major layout, not copied back: what follows (SiLU, an
+        # affine modulation, the next FrameGroupNorm) keeps that layout for free, and the causal
+        # convolution's padding copy makes it contiguous for oneDNN (which takes a 3x slower path
+        # on permuted inputs) in the same pass.
+        return rearrange(y, "(b t) c h w -> b c t h w", b=b)
 
 
 class AdaptiveGroupNorm(nn.Module):
@@ -161,7 +169,8 @@ class ResBlock3d(nn.Module):
         # x: (B, C_in, T, H, W)
         h = self.conv1(F.silu(self.norm1(x)), state)
         h = self.conv2(F.silu(self.norm2(h)), state)
-        return self.shortcut(x) + h  # (B, C_out, T, H, W)
+        skip = x if isinstance(self.shortcut, nn.Identity) else self.shortcut(x.contiguous())
+        return skip + h  # (B, C_out, T, H, W)
 
 
 class Downsample3d(nn.Module):

@@ -136,8 +136,9 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x * (1 + scale) + shift (DiT); shift/scale (B, T, 1, 1, D) broadcast over tokens."""
-    return x * (1 + scale) + shift
+    """adaLN: x * (1 + scale) + shift (DiT); shift/scale (B, T, 1, 1, D) broadcast over tokens.
+    One fused multiply-add (`addcmul`) over the tokens instead of a multiply and an add."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def _per_frame(x: Tensor) -> Tensor:
@@ -229,11 +230,13 @@ class WALTBlock(nn.Module):
         """x (B, T, H, W, D); e (B, T, D) = c + t per frame; shared (B, T, 6D) = A_1."""
         mod = self.modulation(e, shared).chunk(6, dim=-1)
         shift1, scale1, gate1, shift2, scale2, gate2 = (_per_frame(m) for m in mod)
-        identity = is_image if self.temporal else None  # identity attention for images in STW
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), identity)
+        # Identity attention in STW layers for packs of several images only: a 1-frame sample
+        # (an image on its own) attends inside its frame in every layer (DESIGN §5).
+        identity = is_image if self.temporal and x.shape[1] > 1 else None
+        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), identity))
         if self.cross is not None and text is not None:
             x = x + self.cross(self.norm_cross(x), text, text_mask)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
     def set_window(self, window: tuple[int, int], max_frames: int) -> None:
         """Use a new spatial window (resizing the relative position bias table)."""
@@ -544,6 +547,13 @@ class WALT(nn.Module):
             latent_size=[frames, lat_h, lat_w], spatial_window=list(spatial), st_window=list(st)
         )
 
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional compilation: `torch.compile` each block in place (a block's forward is one
+        graph with no break; blocks of the same kind share the compiled code), leaving the
+        light embedding and input checks eager. `options` go to `torch.compile`."""
+        for block in self.blocks:
+            block.compile(**{"fullgraph": True, "dynamic": False, **options})
+
     # ------------------------------------------------------------------ forward
 
     def _check(self, x_in: Tensor, t: Tensor, cond: Conditioning) -> None:
@@ -581,8 +591,13 @@ class WALT(nn.Module):
                 raise WaltError(
                     f"labels must have shape ({b},) or ({b}, {frames}), got {tuple(cond.labels.shape)}"
                 )
-            if bool((cond.labels >= self.num_classes).any()) or bool((cond.labels < -1).any()):
-                raise WaltError(f"labels must lie in [0, {self.num_classes}) or be -1 (null class)")
+            bad = (cond.labels >= self.num_classes) | (cond.labels < -1)
+            message = f"labels must lie in [0, {self.num_classes}) or be -1 (null class)"
+            if cond.labels.device.type == "cpu":
+                if bool(bad.any()):
+                    raise WaltError(message)
+            else:  # checked on the device, without waiting for it (no host sync per step)
+                torch._assert_async(~bad.any(), message)
         if cond.text is not None:
             if self.text_proj is None:
                 raise WaltError(

@@ -100,13 +100,22 @@ def ema_model(module: torch.nn.Module, decay: float):
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
         n = float(n_averaged)
         d = min(decay, (1 + n) / (10 + n))
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:  # one multi-tensor lerp over every float tensor instead of one call each
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
         for avg, cur in zip(averaged, current, strict=True):
-            if avg.is_floating_point() or avg.is_complex():
-                avg.lerp_(cur, 1 - d)
-            else:  # integer buffers (counters, indices): what AveragedModel's own EMA does
+            if not avg.is_floating_point():  # integer buffers: what AveragedModel's EMA does
                 avg.copy_(avg * d + cur * (1 - d))
 
     return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False)
+
+
+def adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
+    """`torch.optim.AdamW` with its fused kernel (one kernel per step on CUDA and on CPU) where
+    every parameter is a float tensor on a device that has it; the for-loop version otherwise."""
+    fusable = {"cuda", "cpu", "mps", "xpu"}
+    fused = bool(params) and all(p.device.type in fusable and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
@@ -423,9 +432,7 @@ class DiffusionSystem(L.LightningModule):
             # torch's Adafactor: lr is the largest relative step (scaled by each tensor's RMS).
             opt = torch.optim.Adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.AdamW(
-                params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-            )
+            opt = adamw(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         # constant: the cosine's floor at 1 (linear warmup, then the peak lr throughout)
         floor = 1.0 if self.lr_schedule == "constant" else self.min_lr_ratio
         sched = warmup_cosine(self.warmup_steps, self.max_steps, floor)

@@ -1,0 +1,348 @@
+"""Every fast path equals its reference path, forward and gradients, on tiny models (CPU).
+
+Tolerances: fp32 throughout; outputs and gradients agree to atol 1e-5 / rtol 1e-4 (the paths
+differ only in the order of floating-point sums)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from walt_cli.models import attention
+from walt_cli.models.attention import WindowSelfAttention, set_attention_impl
+from walt_cli.models.transformer import WALT, Conditioning
+from walt_cli.profiling import peak_cpu_bytes
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def impl():
+    """Switch the attention implementation inside a test; restore "auto" afterwards."""
+    yield set_attention_impl
+    set_attention_impl("auto")
+
+
+def _grads(module: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "temporal,window,grid,identity",
+    [
+        (True, (4, 4), (3, 8, 8), None),  # STW windows with the bias
+        (True, (4, 4), (2, 6, 10), None),  # padded grid: padded keys masked
+        (False, (3, 4), (2, 5, 7), None),  # SW, padded
+        (True, (4, 4), (3, 6, 8), [True, False, True]),  # identity packs beside a video
+        (True, (4, 4), (3, 8, 8), [True, True, True]),
+    ],
+)
+def test_window_kernel_equals_sdpa(impl, temporal, window, grid, identity):
+    torch.manual_seed(0)
+    attn = WindowSelfAttention(16, 2, window, temporal=temporal, max_frames=3)
+    torch.nn.init.normal_(attn.bias.table, std=0.5)  # a bias that matters
+    x = torch.randn(3, *grid, 16, requires_grad=True)
+    ident = None if identity is None else torch.tensor(identity)
+    target = torch.randn(3, *grid, 16)
+    results = {}
+    for name in ("sdpa", "window"):
+        impl(name)
+        out = attn(x, ident)
+        grads = _grads(attn, (out * target).sum())
+        results[name] = (out.detach(), x.grad.clone(), grads)
+        x.grad = None
+    (ref, gx_ref, g_ref), (out, gx, g) = results["sdpa"], results["window"]
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+    assert g.keys() == g_ref.keys()
+    assert ("bias.table" in g) == (identity is None or not all(identity))  # all images: no bias
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_sdpa_forward(impl):
+    """FlexAttention (the CUDA path) against SDPA on CPU: bias as score_mod, padding as a block
+    mask, identity packs. PyTorch has no FlexAttention backward on CPU: forward only here."""
+    torch.manual_seed(0)
+    attn = WindowSelfAttention(16, 2, (4, 4), temporal=True, max_frames=3)
+    torch.nn.init.normal_(attn.bias.table, std=0.5)
+    x = torch.randn(2, 3, 6, 10, 16)
+    ident = torch.tensor([True, False])
+    with torch.no_grad():
+        impl("sdpa")
+        ref = attn(x, ident)
+        impl("flex")
+        torch.testing.assert_close(attn(x, ident), ref, **TOL)
+        torch.testing.assert_close(attn(x[:, :, :4, :8]), (impl("sdpa"), attn(x[:, :, :4, :8]))[1])
+
+
+def _tiny_net(latent_size=(3, 6, 10), **overrides) -> WALT:
+    torch.manual_seed(0)
+    net = WALT.from_preset("tiny", latent_size=latent_size, **overrides).train()
+    # adaLN-Zero starts every block at the identity: give the modulations weight so that every
+    # path (attention, cross-attention, MLP) reaches the output and its gradients.
+    for p in net.parameters():
+        if p.dim() > 1 and not p.abs().any():
+            torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def _batch(net: WALT):
+    g = torch.Generator().manual_seed(1)
+    b, (t, h, w) = 3, (3, 6, 10)
+    x = torch.randn(b, net.in_channels, t, h, w, generator=g)
+    cond = Conditioning(
+        labels=torch.tensor([[1, 2, 3], [4, 4, 4], [0, 1, 0]]),
+        text=torch.randn(b, t, 4, 32, generator=g),
+        text_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+        .bool()[:, None]
+        .expand(b, t, 4)
+        .contiguous(),
+        is_image=torch.tensor([True, False, True]),
+    )
+    return x, torch.rand(b, generator=g), cond
+
+
+def test_transformer_fast_path_equals_reference(impl):
+    """The whole tiny network (windows with bias on a padded 6x10 grid, identity packs beside a
+    video, cross-attention with padded captions): the default CPU training path equals the SDPA
+    reference in output and in every parameter's gradient."""
+    net = _tiny_net(spatial_window=(4, 4), st_window=(4, 4))
+    x, t, cond = _batch(net)
+    results = {}
+    for name in ("sdpa", "auto"):
+        impl(name)
+        out = net(x, t, cond)
+        results[name] = (out.detach(), _grads(net, out.square().mean()))
+    (ref, g_ref), (out, g) = results["sdpa"], results["auto"]
+    torch.testing.assert_close(out, ref, **TOL)
+    assert g.keys() == g_ref.keys()
+    assert any("cross" in n for n in g) and any("bias.table" in n for n in g)
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=name)
+
+
+def test_no_host_sync_path_equals_cpu_path():
+    """The identity-pack path used on CUDA and under torch.compile (a `where` over all windows,
+    no data-dependent shapes) equals the CPU path that attends over the video samples only."""
+    torch.manual_seed(0)
+    attn = WindowSelfAttention(16, 2, (4, 4), temporal=True, max_frames=3)
+    x = torch.randn(3, 3, 8, 8, 16)
+    ident = torch.tensor([True, False, True])
+    ref = attn(x, ident)
+    compiling = torch.compiler.is_compiling
+    try:
+        torch.compiler.is_compiling = lambda: True  # take the graph-friendly branch eagerly
+        out = attn(x, ident)
+    finally:
+        torch.compiler.is_compiling = compiling
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_single_frame_image_attends_inside_its_frame():
+    """DESIGN §5: identity attention is for packs of several images; a 1-frame sample (an image
+    on its own) attends inside its frame in the STW layers too, so it equals the same 1-frame
+    clip marked as a video, and differs from identity attention. A pack's frames stay
+    independent."""
+    net = _tiny_net()
+    net.eval()
+    g = torch.Generator().manual_seed(2)
+    one = torch.randn(1, net.in_channels, 1, 6, 10, generator=g)
+    t = torch.rand(1, generator=g)
+    labels = torch.tensor([3])
+    image = net(one, t, Conditioning(labels=labels, is_image=torch.tensor([True])))
+    video = net(one, t, Conditioning(labels=labels, is_image=torch.tensor([False])))
+    torch.testing.assert_close(image, video)
+    # what the STW layers would give under identity attention: they do change the output
+    block = net.blocks[1]
+    assert block.temporal
+    x = torch.randn(1, 1, 6, 10, net.width, generator=g)
+    with torch.no_grad():
+        assert not torch.allclose(block.attn(x, torch.tensor([True])), block.attn(x))
+        pack = torch.randn(1, 3, 6, 10, net.width, generator=g)
+        changed = pack.clone()
+        changed[:, 1] += 1.0
+        a, b = block.attn(pack, torch.tensor([True])), block.attn(changed, torch.tensor([True]))
+        torch.testing.assert_close(a[:, [0, 2]], b[:, [0, 2]])
+        assert not torch.allclose(a[:, 1], b[:, 1])
+
+
+def test_attention_impl_rejects_unknown_name():
+    from walt_cli.errors import WaltError
+
+    with pytest.raises(WaltError, match="unknown attention implementation"):
+        attention.set_attention_impl("fast")
+
+
+@pytest.mark.parametrize("index", [0, 1])  # an SW block with cross-attention, an STW block
+def test_block_compiles_as_one_graph(index):
+    """Regional compilation: a block's forward (window attention with the bias, identity packs,
+    cross-attention, AdaLN) traces as one graph (`fullgraph=True` raises on any graph break),
+    forward and backward, and equals the eager block. The `aot_eager` backend traces exactly
+    what Inductor would compile, without its (minutes-long on a CPU) code generation."""
+    net = _tiny_net(latent_size=(3, 8, 8))
+    block = net.blocks[index]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, net.width, generator=g, requires_grad=True)
+    e, shared = torch.randn(2, 3, net.width, generator=g), torch.randn(2, 3, 6 * net.width)
+    text = torch.randn(2, 3, 4, net.width, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]).bool()[:, None].expand(2, 3, 4)
+    args = (e, shared, torch.tensor([True, False]), text, mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, dynamic=False, backend="aot_eager")
+    out = compiled(x, *args)
+    grads = _grads(block, (out * out.detach()).sum())
+    ref = block(x, *args)
+    ref_grads = _grads(block, (ref * ref.detach()).sum())
+    torch.testing.assert_close(out, ref, **TOL)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def test_activation_checkpointing_cuts_peak_memory_and_keeps_gradients():
+    """Per-block activation checkpointing (recipe key base.gradient_checkpointing): the same
+    gradients, and a training step's peak memory well below the plain step's."""
+    net = _tiny_net(latent_size=(3, 8, 8))
+    x, t, cond = torch.randn(2, net.in_channels, 3, 8, 8), torch.rand(2), Conditioning()
+    peaks, grads = {}, {}
+    for ckpt in (False, True):
+        net.gradient_checkpointing = ckpt
+
+        def step():
+            net.zero_grad(set_to_none=True)
+            net(x, t, cond).square().mean().backward()
+
+        peaks[ckpt] = peak_cpu_bytes(step)
+        grads[ckpt] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, **TOL, msg=name)
+    assert peaks[True] < 0.6 * peaks[False], peaks
+
+
+def test_foreach_ema_equals_per_tensor_lerp():
+    from walt_cli.systems.common import ema_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ema = ema_model(net, decay=0.999)
+    expected = [t.detach().clone() for t in (*net.parameters(), *net.buffers())]
+    for n in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].num_batches_tracked += 5
+        d = min(0.999, (1 + n) / (10 + n)) if n else None  # the first update copies
+        current = [t.detach() for t in (*net.parameters(), *net.buffers())]
+        for i, (avg, cur) in enumerate(zip(expected, current, strict=True)):
+            if d is None:
+                expected[i] = cur.clone()
+            elif avg.is_floating_point():
+                expected[i] = avg + (1 - d) * (cur - avg)
+            else:
+                expected[i] = (avg * d + cur * (1 - d)).to(avg.dtype)
+        ema.update_parameters(net)
+    averaged = [t for t in (*ema.module.parameters(), *ema.module.buffers())]
+    for got, want in zip(averaged, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_adamw_equals_for_loop_adamw():
+    from walt_cli.systems.common import adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    fused = adamw(list(a.parameters()), lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for net, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_schedule_table_is_copied_once_per_device():
+    from walt_cli.diffusion.schedules import make_schedule
+
+    schedule = make_schedule()
+    t = torch.tensor([0.0, 0.5, 1.0])
+    first = schedule.at(t)
+    table = schedule.table(t.device)
+    torch.testing.assert_close(schedule.at(t), first)
+    assert schedule.table(t.device) is table  # cached, not copied again
+    torch.testing.assert_close(table, schedule.alpha_bar)
+
+
+# ---------------------------------------------------------------- tokenizer layers
+
+
+def _reference_frame_group_norm(norm, x):
+    """GroupNorm applied to each frame on its own (the definition), contiguous output."""
+    frames = [
+        F.group_norm(x[:, :, i], norm.num_groups, norm.weight, norm.bias, norm.eps)
+        for i in range(x.shape[2])
+    ]
+    return torch.stack(frames, dim=2)
+
+
+def _reference_causal_conv(layer, x):
+    """Zero-pad k_t - 1 frames in front (F.pad), then the convolution."""
+    return layer.conv(F.pad(x, (0, 0, 0, 0, layer.kernel_t - 1, 0)))
+
+
+def test_tokenizer_layers_equal_reference():
+    """The frame-major layout the layers now pass along (no copy back after each per-frame norm,
+    one copy for the causal padding) changes no value: FrameGroupNorm, CausalConv3d and a
+    residual block against reference compositions, forward and gradients."""
+    from walt_cli.models.layers import CausalConv3d, FrameGroupNorm, ResBlock3d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, 6, requires_grad=True)
+    norm = FrameGroupNorm(4, 8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    torch.testing.assert_close(norm(x), _reference_frame_group_norm(norm, x), **TOL)
+    conv = CausalConv3d(8, 4, 3)
+    torch.testing.assert_close(conv(x), _reference_causal_conv(conv, x), **TOL)
+    permuted = norm(x)  # a frame-major view, as a norm hands it on
+    assert not permuted.is_contiguous()
+    torch.testing.assert_close(conv(permuted), _reference_causal_conv(conv, permuted), **TOL)
+
+    block = ResBlock3d(8, 12, num_groups=4)
+
+    def reference(x):
+        h = _reference_causal_conv(block.conv1, F.silu(_reference_frame_group_norm(block.norm1, x)))
+        h = _reference_causal_conv(block.conv2, F.silu(_reference_frame_group_norm(block.norm2, h)))
+        return block.shortcut(x) + h
+
+    for inp in (x, permuted):
+        out = block(inp)
+        gx = torch.autograd.grad(out.square().sum(), [x, *block.parameters()], retain_graph=True)
+        ref = reference(inp)
+        gr = torch.autograd.grad(ref.square().sum(), [x, *block.parameters()], retain_graph=True)
+        torch.testing.assert_close(out, ref, **TOL)
+        for a, b in zip(gx, gr, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_inference_bias_cache_follows_the_table():
+    """Without gradients the gathered bias is reused, and refreshed when the table changes
+    (an optimizer or EMA step updates it in place)."""
+    from walt_cli.models.attention import RelativePositionBias
+
+    bias = RelativePositionBias((2, 3, 3), heads=2)
+    with torch.no_grad():
+        first = bias((2, 3, 3))
+        assert bias((2, 3, 3)) is first
+        bias.table.add_(1.0)
+        torch.testing.assert_close(bias((2, 3, 3)), first + 1.0)
+    assert bias((2, 3, 3)).requires_grad  # with gradients: gathered in the graph
