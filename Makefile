@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install assets test test-all lint fmt bench bench-gpu clean
+.PHONY: help install assets test test-all lint fmt bench bench-gpu default-model clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,27 @@ bench:  ## run every CPU benchmark in bench/ (see BENCHMARKS.md; `pip install -e
 
 bench-gpu:  ## GPU benchmark: walt-l / walt-xl bf16, eager vs compiled, checkpointing (< 8 min on one H100)
 	$(PYTHON) bench/bench_gpu.py
+
+# The embedded default model (recipes/shapes.yaml), trained with walt's own commands on a CPU.
+# Every step resumes where it stopped (rerun `make default-model`); the run directory stays
+# outside the work tree and only the exported bundle lands in the package.
+DEFAULT_RUN ?= $(HOME)/.cache/walt/runs/shapes
+DEFAULT_OUT ?= walt_cli/default_model
+SHAPES := recipes/shapes.yaml run_dir=$(DEFAULT_RUN)
+# The tokenizer trains on 32x32 crops of clips rendered at 64 and 128 pixels: the scales of the
+# base stage and of the SR stage, at a sixteenth of the cost of full 128x128 frames.
+TOKENIZER_CROPS := data.resolution=[32,32] data.random_crop=true data.shapes.render_sizes=[64,128] \
+	data.batch_size=8 data.shapes.num_items=100000
+
+default-model:  ## train the shapes cascade on this machine (resumable) and export it into the package
+	walt tokenize train $(SHAPES) $(TOKENIZER_CROPS)
+	walt tokenize encode $(SHAPES)
+	walt tokenize encode $(SHAPES) --split val
+	walt tokenize encode $(SHAPES) --sr 1
+	walt tokenize encode $(SHAPES) --sr 1 --split val
+	walt train-base $(SHAPES)
+	walt train-sr $(SHAPES) --stage 1
+	walt export $(DEFAULT_RUN) --out $(DEFAULT_OUT)
 
 clean:  ## remove caches and build files (never runs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
