@@ -58,6 +58,34 @@ def test_seed_per_sample_is_independent_of_the_batch_through_sr(cascade):
     assert set(pipe.timings) >= {"base", "sr1", "decode"}
 
 
+def test_super_resolve_refines_a_given_low_res_latent(cascade):
+    """SR stages alone from a low-res latent (what SR training previews use): deterministic by
+    seed, batch-invariant on CPU, the SR stage's resolution, and low-res input that matters."""
+    full = Pipeline.from_bundle(cascade, device="cpu")
+    sr = full.stages[1]
+    refiner = Pipeline(full.tokenizer, [sr], refine_only=True)
+    with pytest.raises(WaltError, match="no base stage: use super_resolve"):
+        refiner.generate(seeds=[0])
+    with pytest.raises(WaltError, match="needs a base stage first"):
+        Pipeline(full.tokenizer, [sr])
+    torch.manual_seed(3)
+    z_lr = torch.randn(3, 8, 3, 4, 4)  # raw latents of three 9x32x32 clips
+    labels = [1, 2, 3] if sr.net.num_classes else None
+    three = refiner.super_resolve(z_lr, seeds=[4, 5, 6], labels=labels, steps=2)
+    assert three.shape == (3, 9, 64, 64, 3) and three.dtype == torch.uint8
+    one = refiner.super_resolve(
+        z_lr[1:2], seeds=[5], labels=labels[1:2] if labels else None, steps=2
+    )
+    assert torch.equal(three[1:2], one)
+    other = refiner.super_resolve(
+        z_lr[1:2] + 3.0, seeds=[5], labels=labels[1:2] if labels else None, steps=2
+    )
+    assert not torch.equal(other, one)  # the output follows its low-res input
+    # The full cascade's SR stage refines a base output the same way.
+    assert full.super_resolve(z_lr[1:2], seeds=[5], labels=labels[1:2] if labels else None,
+                              steps=[1, 2]).equal(one)  # fmt: skip
+
+
 def test_an_sr_stage_reads_only_the_conditions_it_was_built_for(tmp_path):
     run = make_run(tmp_path / "run", sr_cond=False, sample="steps: [1, 1]")
     pipe = Pipeline.from_bundle(run, device="cpu")

@@ -160,9 +160,15 @@ class Pipeline:
         decode_chunk: int | str | None = "auto",
         decode_tile: int = 64,
         decode_overlap: int = 8,
+        refine_only: bool = False,
     ) -> None:
-        if not stages or stages[0].is_sr:
+        # `refine_only`: SR stages alone, without a base, for `super_resolve` (the previews of
+        # SR training, which refine real low-res latents); `generate` needs a base.
+        if not stages or (stages[0].is_sr and not refine_only):
             raise WaltError("a pipeline needs a base stage first")
+        if refine_only and not all(s.is_sr for s in stages):
+            raise WaltError("a refine-only pipeline holds super-resolution stages only")
+        self.refine_only = refine_only
         self.tokenizer = tokenizer
         self.stages = list(stages)
         self.text_encoder = text_encoder
@@ -389,6 +395,8 @@ class Pipeline:
         same for a base-only pipeline. Returns uint8 (B, T, H, W, 3), or float (B, 3, T, H, W)
         in [-1, 1] with output="float".
         """
+        if self.refine_only:
+            raise WaltError("this pipeline has no base stage: use super_resolve")
         self.timings = {}
         b = len(seeds)
         if b == 0:
@@ -425,6 +433,50 @@ class Pipeline:
         if output == "float":
             return video
         return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+    def super_resolve(
+        self,
+        z_lowres: Tensor,
+        *,
+        seeds: Sequence[int],
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[int] | None = None,
+        text: tuple[Tensor, Tensor] | None = None,
+        steps: int | Sequence[int] | None = None,
+        guidance: float | Sequence[float] | None = None,
+        output: str = "uint8",
+    ) -> Tensor:
+        """The SR stages of this pipeline from a raw latent (B, c, T, h, w) at the resolution
+        before its first SR stage (a base's output, or a real clip's low-res latent), then the
+        decoder: the same denoising path as `generate`. `steps` / `guidance` one value or one
+        per stage of the pipeline. Returns uint8 (B, T, H, W, 3) or float (B, 3, T, H, W)."""
+        first = next((i for i, s in enumerate(self.stages) if s.is_sr), None)
+        if first is None:
+            raise WaltError("this pipeline has no super-resolution stage")
+        b, n = len(seeds), len(self.stages)
+        if b == 0 or z_lowres.shape[0] != b:
+            raise WaltError(f"{z_lowres.shape[0]} low-res latents for {b} seeds")
+        self.timings = {}
+        steps_per = _per_stage(self.default_steps() if steps is None else steps, n, "--steps", int)
+        guidance_per = _per_stage(
+            self.default_guidance() if guidance is None else guidance, n, "--guidance", float
+        )
+        cond = self._conditioning(b, prompts, labels, text)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        z_raw = z_lowres.to(self.device, torch.float32)
+        for i in range(first, n):
+            with self._timed(self.stages[i].name):
+                z_raw = self._denoise(
+                    self.stages[i], cond, gens, z_raw, None, None, steps_per[i],
+                    guidance_per[i], (0, 1), None,
+                )  # fmt: skip
+        with self._timed("decode"):
+            video = self.decode(z_raw)
+        if output == "float":
+            return video.cpu()
+        return (
+            ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+        )
 
     def animate(self, image: Tensor, prompt: str | None = None, **kwargs) -> Tensor:
         """Image-to-video: `image` uint8 (H, W, 3) (any size: resized to cover the model's

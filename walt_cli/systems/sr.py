@@ -128,42 +128,54 @@ class SRSystem(DiffusionSystem):
     @torch.no_grad()
     def generate(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """(low-res input decoded and upsampled, SR output, ground truth), each
-        (N, 3, T, H, W) in [-1, 1]: DDIM samples of the EMA model from fixed noise, with z_lr
-        noised to `sample_noise_level` as at sampling time."""
-        from walt_cli.diffusion.samplers import sample
+        (N, 3, T, H, W) in [-1, 1]. The SR output comes from the generation pipeline
+        (`Pipeline.super_resolve`, the path of `walt sample`) over the EMA model, from the same
+        seeds at every preview, with z_lr noised to `sample_noise_level`."""
+        from walt_cli.pipelines import Pipeline, Stage
         from walt_cli.systems.common import denormalize
 
         net = self.model
         was_training = net.training
         net.eval()
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        g = torch.Generator().manual_seed(0)
-        z0, z_lr, cond = self.prepare(
+        # (a seeded generator for the noising that prepare does: a preview never draws from the
+        # training stream)
+        z0, _, cond = self.prepare(
             batch,
             level=self.sample_noise_level,
             generator=torch.Generator(device=self.device).manual_seed(1),
         )
-        cond.is_image = torch.zeros(z0.shape[0], dtype=torch.bool, device=self.device)
-        noise = torch.randn(z0.shape, generator=g).to(self.device)  # the same noise every time
-        z = sample(
-            net,
-            noise,
-            cond,
-            self.schedule,
-            num_steps=self.preview_steps,
-            lowres=z_lr,
-            guidance_scale=self.guidance_scale,
-            guide=("labels", "text"),
+        stage = Stage(
+            name=f"sr{self.stage}",
+            net=net,
+            mean=self.latent_mean,
+            std=self.latent_std,
+            resolution=tuple(self.resolution),
+            lowres_mean=self.lowres_mean,
+            lowres_std=self.lowres_std,
+            noise_level=self.sample_noise_level,
         )
+        pipe = Pipeline(
+            self.tokenizer, [stage], schedule=self.schedule, batch_invariant=False, refine_only=True
+        )
+        n = z0.shape[0]
+        out = pipe.super_resolve(
+            batch["lowres"].float(),
+            seeds=list(range(n)),  # the same noise at every preview
+            labels=cond.labels.reshape(n, -1)[:, 0].tolist() if net.num_classes else None,
+            text=(cond.text, cond.text_mask) if net.text_dim else None,
+            steps=self.preview_steps,
+            guidance=1.0 if self.guidance_scale is None else self.guidance_scale,
+            output="float",
+        ).clamp(-1, 1)
         net.train(was_training)
         decode = self.tokenizer.decode
         low = decode(batch["lowres"].float()).float().clamp(-1, 1)
         b, c, t, h, w = low.shape
         low = F.interpolate(low.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=self.factor)
         low = low.reshape(b, t, c, h * self.factor, w * self.factor).transpose(1, 2)
-        out = decode(self.denormalize(z)).float().clamp(-1, 1)
         truth = decode(denormalize(z0, self.latent_mean, self.latent_std)).float().clamp(-1, 1)
-        return low.cpu(), out.cpu(), truth.cpu()
+        return low.cpu(), out, truth.cpu()
 
     def write_preview(self) -> Path:
         """previews/step-XXXXXXX.mp4 (.png for images): one row per clip, low-res input
