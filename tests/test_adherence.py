@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from walt_cli.data.shapes import COLOURS, DIRECTIONS, SHAPES, ShapesDataset, render
+from walt_cli.data.shapes import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, ShapesDataset, render
 from walt_cli.data.video import tensor_to_frames
 from walt_cli.errors import WaltError
 from walt_cli.metrics.adherence import (
@@ -104,3 +104,43 @@ def test_static_empty_and_bad_input():
         read_video(np.zeros((9, 64, 64, 3), dtype=np.float32))
     with pytest.raises(WaltError, match="2 videos but 1 captions"):
         score_batch(np.zeros((2, 9, 64, 64, 3), dtype=np.uint8), ["a red circle moving left"])
+
+
+def test_bench_model_mode_scores_what_the_pipeline_returns(monkeypatch, capsys):
+    """`bench/probe_text_adherence.py --model` asks the pipeline for one sample per held-out
+    caption with fixed seeds and scores it beside the real clips. The pipeline here is a stand-in
+    that draws nothing: the model row reads no object, the real row every one."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    calls = []
+
+    class Blank:
+        @classmethod
+        def from_bundle(cls, path):
+            calls.append(("bundle", path))
+            return cls()
+
+        def generate(self, *, prompts, seeds, **kwargs):
+            calls.append(("generate", list(prompts), list(seeds), kwargs))
+            return torch.full((len(prompts), 5, 32, 32, 3), 12, dtype=torch.uint8)  # black
+
+    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=Blank))
+    path = Path(__file__).resolve().parent.parent / "bench" / "probe_text_adherence.py"
+    spec = importlib.util.spec_from_file_location("probe_text_adherence", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["x", "--model", "default", "--num", "6", "--batch", "4", "--steps", "3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--guidance", "2,1", "--seed", "10"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert calls[0] == ("bundle", "default")
+    (_, p1, s1, kw), (_, p2, s2, _) = calls[1:]
+    assert s1 + s2 == list(range(10, 16)) and len(p1) == 4 and len(p2) == 2
+    assert kw == {"steps": 3, "guidance": (2.0, 1.0)}
+    asked = [parse_caption(p) for p in p1 + p2]
+    assert [(a.colour, a.shape, a.direction) for a in asked] == list(HELD_OUT[:6])
+    assert "| model `default` (steps 3, guidance 2,1) | 6 | 5x32x32 | 0.0% | 0.0% | 0.0% |" in out
+    assert "| real held-out clips | 6 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in out
