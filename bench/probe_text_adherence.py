@@ -3,6 +3,7 @@ the caption asks for? Prints a markdown table (walt_cli/metrics/adherence.py is 
 
     python bench/probe_text_adherence.py --real --size 128 --num 200     # the probe on real clips
     python bench/probe_text_adherence.py --model default --num 200       # a model, beside real clips
+    python bench/probe_text_adherence.py --real --size 128 --blur 2      # the probe on blurred clips
 
 The captions are the first N items of the recipe's "heldout" split (`data.shapes.holdout`
 forced on): one object each, whose (colour, shape, direction) is one of the 40 triples that a
@@ -11,7 +12,8 @@ model trained with `data.shapes.holdout: true` never saw, each triple N / 40 tim
 `--real` scores the rendered clips of those captions: the probe's own accuracy, the ceiling a
 model can be read at. `--model BUNDLE` generates one sample per caption (seed `--seed` + i)
 through `walt_cli.pipelines.Pipeline` and scores it, then scores the real clips at the
-resolution and length the model produced, for the row beside it.
+resolution and length the model produced, for the row beside it. `--blur` and `--noise`
+damage the real clips first: how far the probe's reading holds on imperfect pixels.
 """
 
 from __future__ import annotations
@@ -83,6 +85,28 @@ def _generate(args, captions: list[str]):
     return np.concatenate(out)
 
 
+def _degrade(video, blur: float, noise: float, seed: int):
+    """Real clip (3, T, H, W) in [-1, 1] with a Gaussian blur (sigma in pixels) and Gaussian noise
+    (std in 0..255 units, seeded): how the probe reads imperfect pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    if blur > 0:
+        k = int(3 * blur + 0.5)
+        x = torch.arange(-k, k + 1, dtype=torch.float32)
+        g = torch.exp(-(x**2) / (2 * blur**2))
+        g = g / g.sum()
+        c, t, h, w = video.shape
+        y = video.permute(1, 0, 2, 3).reshape(t * c, 1, h, w)  # (T*3, 1, H, W)
+        y = F.conv2d(F.pad(y, (k, k, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
+        y = F.conv2d(F.pad(y, (0, 0, k, k), mode="replicate"), g.view(1, 1, -1, 1))
+        video = y.view(t, c, h, w).permute(1, 0, 2, 3)
+    if noise > 0:
+        gen = torch.Generator().manual_seed(seed)
+        video = video + torch.randn(video.shape, generator=gen) * (noise / 127.5)
+    return video
+
+
 def _row(name: str, n: int, shape: tuple[int, int, int], scores: list[dict]) -> str:
     from walt_cli.metrics.adherence import ATTRIBUTES, accuracy
 
@@ -129,6 +153,8 @@ def main() -> None:
     ap.add_argument("--guidance", default=None, help="--model: scale, or one per stage: 7.5,4,4")
     ap.add_argument("--seed", type=int, default=0, help="--model: sample i uses seed + i")
     ap.add_argument("--batch", type=int, default=8, help="--model: prompts per generate call")
+    ap.add_argument("--blur", type=float, default=0.0, help="real clips: Gaussian blur sigma, px")
+    ap.add_argument("--noise", type=float, default=0.0, help="real clips: noise std, 0..255")
     ap.add_argument("--details", action="store_true", help="also print confusion tables")
     args = ap.parse_args()
     if args.num < 1:
@@ -159,11 +185,18 @@ def main() -> None:
     else:
         t, h, w = args.frames or 17, args.size, args.size
     ds = _heldout(args.recipe, args.num, t, h, w)
-    real = [tensor_to_frames(ds[i]["video"]) for i in range(args.num)]
+    real = [
+        tensor_to_frames(_degrade(ds[i]["video"], args.blur, args.noise, i))
+        for i in range(args.num)
+    ]
     real_captions = [ds.scene(i).caption for i in range(args.num)]
     with _one_thread():
         real_scores = score_batch(real, real_captions)
-    rows.append(_row("real held-out clips", args.num, (t, h, w), real_scores))
+    damage = ", ".join(
+        f"{k} {v:g}" for k, v in (("blur sigma", args.blur), ("noise std", args.noise)) if v
+    )
+    real_name = "real held-out clips" + (f" ({damage})" if damage else "")
+    rows.append(_row(real_name, args.num, (t, h, w), real_scores))
     print(header, rule, *rows, sep="\n")
     if args.details:
         if args.model is not None:
