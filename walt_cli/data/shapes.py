@@ -63,7 +63,6 @@ SIZES = {"small": 0.08, "": 0.12, "large": 0.18}  # radius in frame heights ("" 
 _MIN_CONTRAST = 110.0  # RGB distance between an object and its background
 
 
-
 def _held_out_triples() -> tuple[tuple[str, str, str], ...]:
     """One held-out direction per (colour, shape) pair: colour i, shape j -> direction (3i + j) % 8.
 
@@ -258,7 +257,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         combinations: str = "all",
     ) -> None:
         if combinations not in COMBINATIONS:
-            raise WaltError(f"shapes combinations must be one of {COMBINATIONS}, got {combinations!r}")
+            raise WaltError(
+                f"shapes combinations must be one of {COMBINATIONS}, got {combinations!r}"
+            )
         # all: every (colour, shape, direction); seen: the HELD_OUT triples never appear (training
         # and validation with data.shapes.holdout); heldout: one object, a HELD_OUT triple.
         self.combinations = combinations

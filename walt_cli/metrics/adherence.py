@@ -172,9 +172,7 @@ def _silhouette(mask: torch.Tensor) -> torch.Tensor | None:
 def _as_frames(video) -> torch.Tensor:
     v = torch.as_tensor(np.asarray(video.cpu() if isinstance(video, torch.Tensor) else video))
     if v.dtype != torch.uint8 or v.ndim != 4 or v.shape[-1] != 3:
-        raise WaltError(
-            f"the probe reads uint8 video (T, H, W, 3), got {v.dtype} {tuple(v.shape)}"
-        )
+        raise WaltError(f"the probe reads uint8 video (T, H, W, 3), got {v.dtype} {tuple(v.shape)}")
     return v.float()
 
 
