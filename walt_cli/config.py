@@ -38,6 +38,10 @@ class ShapesConfig:
     # centred at the first size), so a tokenizer trained on small crops sees shapes at the
     # scales of every resolution it will encode. null: render at `data.resolution`.
     render_sizes: list[int] | None = None
+    # Hold the 40 (colour, shape, direction) triples of shapes.HELD_OUT out of training and
+    # validation (an object that would show one is redrawn); split "heldout" shows only them.
+    # false: every item is the one it always was.
+    holdout: bool = False
 
 
 @dataclass
@@ -365,6 +369,12 @@ def validate(recipe: Recipe, *, source: str) -> None:
         source,
         "data.shapes.render_sizes",
         f"must be null or sizes >= the crop {list(d.resolution)}, got {sizes}",
+    )
+    _check(
+        not d.shapes.holdout or d.source == "shapes",
+        source,
+        "data.shapes.holdout",
+        f"applies to data.source=shapes only, not {d.source}",
     )
     if d.source != "shapes":
         _check(d.path is not None, source, "data.path", f"is required for data.source={d.source}")

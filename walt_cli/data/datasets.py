@@ -43,6 +43,7 @@ from walt_cli.errors import WaltError
 log = logging.getLogger("walt.data")
 
 SPLITS = ("train", "val")
+HELDOUT = "heldout"  # shapes with data.shapes.holdout only: the held-out combinations alone
 
 
 @dataclass(frozen=True)
@@ -385,28 +386,40 @@ def build_dataset(
     `augment=False` turns off random crops and starts even for the training split (what
     `tokenize encode` needs: the same clip every time). `drop_unreadable=True` makes an
     unreadable video's item None instead of the next readable clip (no duplicates).
+    `split="heldout"` (shapes with `data.shapes.holdout`): one-object scenes of the held-out
+    (colour, shape, direction) triples, whole frames, for the text-adherence probe and FVD.
     """
     from walt_cli.config import check_data_paths
     from walt_cli.data.shapes import ShapesDataset
 
     check_data_paths(data)
     h, w = data.resolution
-    if split not in SPLITS:
+    if split == HELDOUT:
+        if data.source != "shapes" or not data.shapes.holdout:
+            raise WaltError(
+                "split 'heldout' needs data.source=shapes and data.shapes.holdout=true "
+                "(else training sees its combinations too)"
+            )
+    elif split not in SPLITS:
         raise WaltError(f"split must be one of {SPLITS}, got {split!r}")
     if data.source == "shapes":
         sh = data.shapes
         n_val = max(1, int(round(sh.num_items * data.val_fraction))) if data.val_fraction > 0 else 0
-        # Validation draws its scenes from another seed, so it holds scenes training never sees.
-        seed = sh.seed if split == "train" else sh.seed + 1_000_003
+        # Validation draws its scenes from another seed, so it holds scenes training never sees;
+        # "heldout" has as many items as training, one object each, HELD_OUT[i % 40] on item i.
+        seed = sh.seed + {"train": 0, "val": 1_000_003, HELDOUT: 2_000_003}[split]
+        combinations = HELDOUT if split == HELDOUT else "seen" if sh.holdout else "all"
         videos: Dataset = ShapesDataset(
-            num_items=sh.num_items if split == "train" else max(n_val, 1),
+            combinations=combinations,
+            num_items=sh.num_items if split != "val" else max(n_val, 1),
             num_frames=data.num_frames,
             height=h,
             width=w,
             seed=seed,
             max_objects=sh.max_objects,
             fps=sh.fps,
-            render_sizes=sh.render_sizes,
+            # Held-out scenes are evaluated whole, never as crops of larger renders.
+            render_sizes=None if split == HELDOUT else sh.render_sizes,
             random_crop=bool(augment and data.random_crop and split == "train"),
         )
     else:
@@ -429,7 +442,7 @@ def build_dataset(
             name=f"{data.path} ({split})",
             drop_unreadable=drop_unreadable,
         )
-    if data.images is None or data.image_ratio == 0:
+    if data.images is None or data.image_ratio == 0 or split == HELDOUT:
         return videos
     img_path = Path(data.images)
     if img_path.is_dir():

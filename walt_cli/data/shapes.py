@@ -10,6 +10,11 @@ which makes it a fair test of text conditioning: colour, shape, size, direction,
 background all vary and all appear in the caption. Class labels (for class-conditional recipes)
 are (shape, direction) of the first object: `len(SHAPES) * len(DIRECTIONS)` classes.
 
+Held-out combinations: `HELD_OUT` is a fixed set of 40 (colour, shape, direction) triples that
+a model trained with `data.shapes.holdout: true` never sees on any object (`combinations="seen"`
+redraws such an object), and that `combinations="heldout"` shows alone, one object per scene: a
+test of compositional text conditioning (walt_cli/metrics/adherence.py reads them back).
+
 Shapes are rasterised analytically with one-pixel antialiasing: coverage is the clamped signed
 distance to the shape's edges (exact for the circle, the half-plane distance for polygons).
 """
@@ -58,6 +63,27 @@ SIZES = {"small": 0.08, "": 0.12, "large": 0.18}  # radius in frame heights ("" 
 _MIN_CONTRAST = 110.0  # RGB distance between an object and its background
 
 
+def _held_out_triples() -> tuple[tuple[str, str, str], ...]:
+    """One held-out direction per (colour, shape) pair: colour i, shape j -> direction (3i + j) % 8.
+
+    40 of the 8 x 5 x 8 = 320 triples (12.5%). Every pair of attributes still appears in
+    training: a (colour, shape) pair loses one of its 8 directions, a (shape, direction) pair one
+    of its 8 colours (3 is invertible mod 8, so each colour exactly once) and a (colour, direction)
+    pair at most one of its 5 shapes. So a model must compose what it saw apart to draw these.
+    """
+    dirs = list(DIRECTIONS)
+    return tuple(
+        (colour, shape, dirs[(3 * i + j) % len(dirs)])
+        for i, colour in enumerate(COLOURS)
+        for j, shape in enumerate(SHAPES)
+    )
+
+
+HELD_OUT = _held_out_triples()
+_HELD_OUT_SET = frozenset(HELD_OUT)
+COMBINATIONS = ("all", "seen", "heldout")  # ShapesDataset(combinations=...): see the module doc
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     shape: str
@@ -100,35 +126,72 @@ def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     return float(np.linalg.norm(np.subtract(a, b)))
 
 
-def sample_scene(seed: int, index: int, *, max_objects: int = 2, aspect: float = 1.0) -> SceneSpec:
-    """The scene of item `index`: a pure function of (seed, index)."""
+def _contrasting(background: str) -> list[str]:
+    """The colours that stand out enough from a background to be drawn on it."""
+    bg = BACKGROUNDS[background]
+    return [c for c in COLOURS if _contrast(COLOURS[c], bg) >= _MIN_CONTRAST]
+
+
+def _place(
+    rng: np.random.Generator, size: str, direction: str, speed: str, aspect: float
+) -> tuple[tuple[float, float], float]:
+    """Start (x, y) and per-frame step so that the whole 17-frame path stays inside the frame
+    (longer clips may leave it). Where the named speed cannot fit, the object moves as fast as
+    fits."""
+    r = SIZES[size]
+    dx, dy = DIRECTIONS[direction]
+    room = [
+        (aspect - 2 * r) / abs(dx) if dx else math.inf,
+        (1 - 2 * r) / abs(dy) if dy else math.inf,
+    ]
+    travel = min(SPEEDS[speed], *room)
+    x0 = float(rng.uniform(r - min(dx, 0) * travel, aspect - r - max(dx, 0) * travel))
+    y0 = float(rng.uniform(r - min(dy, 0) * travel, 1 - r - max(dy, 0) * travel))
+    return (x0, y0), travel / 16
+
+
+def sample_scene(
+    seed: int,
+    index: int,
+    *,
+    max_objects: int = 2,
+    aspect: float = 1.0,
+    exclude: frozenset[tuple[str, str, str]] | set = frozenset(),
+) -> SceneSpec:
+    """The scene of item `index`: a pure function of (seed, index).
+
+    An object whose (colour, shape, direction) is in `exclude` is drawn again from the same
+    random stream until it is not; with nothing excluded the scene is the one it always was."""
     rng = np.random.default_rng([seed, index])
     background = str(rng.choice(list(BACKGROUNDS)))
     n = int(rng.integers(1, max_objects + 1))
+    colours = _contrasting(background)
     objects = []
     for _ in range(n):
-        colours = [
-            c for c in COLOURS if _contrast(COLOURS[c], BACKGROUNDS[background]) >= _MIN_CONTRAST
-        ]
-        shape = str(rng.choice(SHAPES))
-        colour = str(rng.choice(colours))
-        size = str(rng.choice(list(SIZES)))
-        direction = str(rng.choice(list(DIRECTIONS)))
-        speed = str(rng.choice(list(SPEEDS)))
-        # Start so that the whole 17-frame path stays inside the frame (longer clips may leave
-        # it). Where the named speed cannot fit, the object moves as fast as fits.
-        r = SIZES[size]
-        dx, dy = DIRECTIONS[direction]
-        room = [
-            (aspect - 2 * r) / abs(dx) if dx else math.inf,
-            (1 - 2 * r) / abs(dy) if dy else math.inf,
-        ]
-        travel = min(SPEEDS[speed], *room)
-        x0 = float(rng.uniform(r - min(dx, 0) * travel, aspect - r - max(dx, 0) * travel))
-        y0 = float(rng.uniform(r - min(dy, 0) * travel, 1 - r - max(dy, 0) * travel))
-        travel_per_frame = travel / 16
-        objects.append(ShapeSpec(shape, colour, size, direction, speed, (x0, y0), travel_per_frame))
+        while True:
+            shape = str(rng.choice(SHAPES))
+            colour = str(rng.choice(colours))
+            size = str(rng.choice(list(SIZES)))
+            direction = str(rng.choice(list(DIRECTIONS)))
+            speed = str(rng.choice(list(SPEEDS)))
+            if (colour, shape, direction) not in exclude:
+                break
+        start, step = _place(rng, size, direction, speed, aspect)
+        objects.append(ShapeSpec(shape, colour, size, direction, speed, start, step))
     return SceneSpec(tuple(objects), background)
+
+
+def sample_heldout_scene(seed: int, index: int, *, aspect: float = 1.0) -> SceneSpec:
+    """One object whose (colour, shape, direction) is held-out triple `index % 40`, so that every
+    40 consecutive items show each triple once; background, size, speed and path are drawn from
+    (seed, index) as in training."""
+    colour, shape, direction = HELD_OUT[index % len(HELD_OUT)]
+    rng = np.random.default_rng([seed, index])
+    background = str(rng.choice([b for b in BACKGROUNDS if colour in _contrasting(b)]))
+    size = str(rng.choice(list(SIZES)))
+    speed = str(rng.choice(list(SPEEDS)))
+    start, step = _place(rng, size, direction, speed, aspect)
+    return SceneSpec((ShapeSpec(shape, colour, size, direction, speed, start, step),), background)
 
 
 def _coverage(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
@@ -191,7 +254,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         fps: float = 8.0,
         render_sizes: Sequence[int] | None = None,
         random_crop: bool = False,
+        combinations: str = "all",
     ) -> None:
+        if combinations not in COMBINATIONS:
+            raise WaltError(
+                f"shapes combinations must be one of {COMBINATIONS}, got {combinations!r}"
+            )
+        # all: every (colour, shape, direction); seen: the HELD_OUT triples never appear (training
+        # and validation with data.shapes.holdout); heldout: one object, a HELD_OUT triple.
+        self.combinations = combinations
         sizes = list(render_sizes or [])
         if any(int(s) < min(height, width) for s in sizes):
             raise WaltError(
@@ -212,8 +283,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.num_items
 
     def scene(self, index: int) -> SceneSpec:
+        aspect = self.width / self.height
+        if self.combinations == "heldout":
+            return sample_heldout_scene(self.seed, index, aspect=aspect)
+        exclude = _HELD_OUT_SET if self.combinations == "seen" else frozenset()
         return sample_scene(
-            self.seed, index, max_objects=self.max_objects, aspect=self.width / self.height
+            self.seed, index, max_objects=self.max_objects, aspect=aspect, exclude=exclude
         )
 
     def _render(self, scene: SceneSpec, index: int) -> torch.Tensor:
