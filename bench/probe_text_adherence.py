@@ -63,6 +63,7 @@ def _generate(args, captions: list[str]):
     """uint8 (N, T, H, W, 3) from the pipeline, `--batch` captions at a time."""
     import numpy as np
     import torch
+
     from walt_cli.pipelines import Pipeline  # lazily: --real needs no pipeline
 
     pipe = Pipeline.from_bundle(args.model)
