@@ -45,7 +45,7 @@ DEFAULT_RUN ?= $(HOME)/.cache/walt/runs/shapes
 DEFAULT_OUT ?= walt_cli/default_model
 SHAPES := recipes/shapes.yaml run_dir=$(DEFAULT_RUN)
 # The tokenizer trains on 32x32 crops of clips rendered at 64 and 128 pixels: the scales of the
-# base stage and of the SR stage, at a sixteenth of the cost of full 128x128 frames.
+# base stage and of the SR stage, with a sixteenth of the pixels of full 128x128 frames.
 TOKENIZER_CROPS := data.resolution=[32,32] data.random_crop=true data.shapes.render_sizes=[64,128] \
 	data.batch_size=8 data.shapes.num_items=100000
 

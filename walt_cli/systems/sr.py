@@ -138,13 +138,9 @@ class SRSystem(DiffusionSystem):
         was_training = net.training
         net.eval()
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        # (a seeded generator for the noising that prepare does: a preview never draws from the
-        # training stream)
-        z0, _, cond = self.prepare(
-            batch,
-            level=self.sample_noise_level,
-            generator=torch.Generator(device=self.device).manual_seed(1),
-        )
+        # The pipeline noises the low-res input itself (to `noise_level`): only the target latent
+        # (for the ground truth) and the caption or labels are needed here.
+        z0, cond = self.normalize(batch["latent"]), self.conditioning(batch)
         stage = Stage(
             name=f"sr{self.stage}",
             net=net,
