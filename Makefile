@@ -57,7 +57,7 @@ default-model:  ## train the shapes cascade on this machine (resumable) and expo
 	walt tokenize encode $(SHAPES) --sr 1 --split val
 	walt train-base $(SHAPES)
 	walt train-sr $(SHAPES) --stage 1
-	walt export $(DEFAULT_RUN) --out $(DEFAULT_OUT)
+	walt export $(DEFAULT_RUN) --out $(DEFAULT_OUT) --force
 
 clean:  ## remove caches and build files (never runs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

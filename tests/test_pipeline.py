@@ -13,6 +13,7 @@ import pytest
 import torch
 from pipeline_helpers import FakeTextEncoder, make_run
 
+from walt_cli.data.shapes_vocab import vocabulary
 from walt_cli.errors import WaltError
 from walt_cli.pipelines import Pipeline, export_bundle, read_bundle
 
@@ -188,6 +189,7 @@ def test_exported_bundle_samples_as_the_run_and_checks_its_files(cascade, tmp_pa
         "sr1",
     ]
     assert index["stages"][0]["resolution"] == [32, 32] and index["sample"]["steps"] == [2, 1]
+    assert index["vocabulary"] == vocabulary()  # a shapes run: its caption words
     assert read_bundle(out).hashes == read_bundle(cascade).hashes
     from_run = Pipeline.from_bundle(cascade, device="cpu").generate(seeds=[4], labels=[2])
     from_bundle = Pipeline.from_bundle(out, device="cpu").generate(seeds=[4], labels=[2])
@@ -330,6 +332,22 @@ def test_export_cli(cli, base_run, tmp_path):
     r = cli("export", base_run, "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "b" / "walt_bundle.json").is_file()
+    # A rerun (make default-model) replaces a bundle only when asked, and nothing but a bundle.
+    before = (tmp_path / "b" / "walt_bundle.json").read_text()
+    r = cli("export", base_run, "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "--force" in r.output
+    (tmp_path / "b" / "base.safetensors").write_bytes(b"stale")
+    r = cli("export", base_run, "--out", tmp_path / "b", "--force")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b" / "walt_bundle.json").read_text() == before
+    assert read_bundle(tmp_path / "b").hashes == read_bundle(base_run).hashes
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    r = cli("export", base_run, "--out", other, "--force")
+    assert r.exit_code == 2 and "not a bundle" in r.output
+    assert (other / "keep.txt").read_text() == "mine"
     r = cli("export", tmp_path / "missing", "--out", tmp_path / "c")
     assert r.exit_code == 2 and not (tmp_path / "c").exists()
 

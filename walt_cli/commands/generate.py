@@ -7,10 +7,20 @@ from pathlib import Path
 
 import typer
 
+from walt_cli.data.shapes_vocab import describe as describe_shapes_vocab
 from walt_cli.errors import WaltError
 
 MODEL_HELP = "A run directory (runs/<name>) or an exported bundle; default: the bundled model."
 STEPS_HELP = "DDIM steps: one value, or one per stage (base,sr1,...); default: the model's."
+# What `walt sample --help` and `walt animate --help` say of the bundled model (a shapes model:
+# the caption words are its whole vocabulary; other words draw a warning and still a video).
+DEFAULT_MODEL_EPILOG = (
+    "The default model (no --model) is the shapes cascade shipped in the package: 17 frames, "
+    "128x128, 8 fps. It knows the words of its captions, "
+    "'a|an (size) COLOUR SHAPE moving DIRECTION SPEED (and ...) on a BACKGROUND background': "
+    + describe_shapes_vocab()
+    + ". Other words draw a warning naming them, and still a video."
+)
 GUIDANCE_HELP = (
     "Classifier-free guidance: one value or one per stage (1 = none); default: the model's."
 )
@@ -227,6 +237,7 @@ def export(
         ..., help="The run directory (runs/<name>).", show_default=False
     ),
     out: Path = typer.Option(..., "--out", "-o", help="The bundle folder to write (new or empty)."),
+    force: bool = typer.Option(False, "--force", help="Replace the bundle already at --out."),
 ) -> None:
     """Write a model bundle (tokenizer, base, SR stages, sha256s, walt_bundle.json).
 
@@ -238,5 +249,5 @@ def export(
     from walt_cli.console import console
     from walt_cli.pipelines.bundle import INDEX_FILE, export_bundle
 
-    path = export_bundle(run_dir, out)
+    path = export_bundle(run_dir, out, force=force)
     console.print(f"wrote bundle {path} ({INDEX_FILE} + weights)", soft_wrap=True)

@@ -28,38 +28,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from walt_cli.data.shapes_vocab import (  # noqa: F401  (re-exported: the caption tables)
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SIZES,
+    SPEEDS,
+)
 from walt_cli.errors import WaltError
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (50, 90, 235),
-    "yellow": (240, 215, 40),
-    "purple": (150, 60, 200),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "cyan": (40, 205, 215),
-}
-BACKGROUNDS = {
-    "black": (12, 12, 12),
-    "gray": (110, 110, 110),
-    "navy": (20, 30, 75),
-    "beige": (225, 215, 185),
-}
-# Unit vectors in image coordinates (x right, y down).
-DIRECTIONS = {
-    "left": (-1.0, 0.0),
-    "right": (1.0, 0.0),
-    "up": (0.0, -1.0),
-    "down": (0.0, 1.0),
-    "up-left": (-math.sqrt(0.5), -math.sqrt(0.5)),
-    "up-right": (math.sqrt(0.5), -math.sqrt(0.5)),
-    "down-left": (-math.sqrt(0.5), math.sqrt(0.5)),
-    "down-right": (math.sqrt(0.5), math.sqrt(0.5)),
-}
-SPEEDS = {"slowly": 0.25, "quickly": 0.6}  # distance over 16 frames, in frame heights
-SIZES = {"small": 0.08, "": 0.12, "large": 0.18}  # radius in frame heights ("" is medium, unnamed)
 _MIN_CONTRAST = 110.0  # RGB distance between an object and its background
 
 

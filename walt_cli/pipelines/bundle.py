@@ -72,6 +72,9 @@ class BundleIndex:
     text_encoder: dict[str, Any] | None = None
     class_names: list[str] = field(default_factory=list)
     sample: dict[str, Any] = field(default_factory=dict)
+    # The caption words the model was trained on, by category (shapes models: shapes_vocab);
+    # empty where the training captions were open-ended (prompts are then not checked).
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
     source: str = "bundle"  # bundle | run | default
 
     @property
@@ -101,6 +104,7 @@ class BundleIndex:
             "text_encoder": self.text_encoder,
             "class_names": list(self.class_names),
             "sample": dict(self.sample),
+            "vocabulary": dict(self.vocabulary),
         }
 
 
@@ -175,8 +179,9 @@ def _read_index(root: Path) -> BundleIndex:
             text_encoder=data.get("text_encoder"),
             class_names=list(data.get("class_names") or []),
             sample=dict(data.get("sample") or {}),
+            vocabulary={k: list(v) for k, v in (data.get("vocabulary") or {}).items()},
         )
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise WaltError(f"{path}: bundle index is missing {err}") from None
     if not index.stages or index.stages[0].name != "base":
         raise WaltError(f"{path}: the first stage of a bundle must be 'base'")
@@ -218,10 +223,13 @@ def _index_from_run(root: Path) -> BundleIndex:
         s.meta = _stage_meta(s)
     data = recipe.get("data") or {}
     class_names: list[str] = []
+    vocabulary: dict[str, list[str]] = {}
     if data.get("source", "shapes") == "shapes":
         from walt_cli.data.shapes import class_names as shapes_classes
+        from walt_cli.data.shapes_vocab import vocabulary as shapes_vocabulary
 
         class_names = shapes_classes()
+        vocabulary = shapes_vocabulary()
     sample = dict(recipe.get("sample") or {})
     if sample.get("fps") is None:
         sample["fps"] = float(data.get("fps") or (data.get("shapes") or {}).get("fps") or 8.0)
@@ -235,6 +243,7 @@ def _index_from_run(root: Path) -> BundleIndex:
         text_encoder=base_meta.get("text_encoder"),
         class_names=class_names,
         sample=sample,
+        vocabulary=vocabulary,
         source="run",
     )
 
@@ -305,14 +314,22 @@ def check_bundle(index: BundleIndex) -> None:
 # Writing
 
 
-def export_bundle(model: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_bundle(model: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write a standalone bundle from a run directory (or copy a bundle): the weight files
     (EMA weights, as the run exported them), their sha256 and the index. Written into a
-    temporary folder beside `out` and renamed, so a failed export leaves nothing behind."""
+    temporary folder beside `out` and renamed, so a failed export leaves nothing behind.
+    `force`: replace an existing bundle at `out` (only a bundle: any other folder is refused)."""
     index = read_bundle(model)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise WaltError(f"--out {out}: exists and is not empty")
+    replace = False
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise WaltError(f"--out {out}: exists and is not empty (--force replaces a bundle)")
+        if not (out / INDEX_FILE).is_file():
+            raise WaltError(f"--out {out}: exists and is not a bundle; refusing to replace it")
+        if Path(model).resolve() == out.resolve():
+            raise WaltError(f"--out {out}: is the bundle being exported")
+        replace = True
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise WaltError(f"--out {out}: {out.parent} is not writable")
@@ -343,11 +360,18 @@ def export_bundle(model: str | os.PathLike, out: str | os.PathLike) -> Path:
             text_encoder=index.text_encoder,
             class_names=index.class_names,
             sample=index.sample,
+            vocabulary=index.vocabulary,
         )
         (tmp / INDEX_FILE).write_text(json.dumps(exported.to_json(), indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        if replace:  # the old bundle steps aside only once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

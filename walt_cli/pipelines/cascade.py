@@ -152,6 +152,7 @@ class Pipeline:
         text_encoder=None,
         class_names: Sequence[str] = (),
         defaults: dict | None = None,
+        vocabulary: dict[str, list[str]] | None = None,
         hashes: dict[str, str] | None = None,
         name: str = "",
         schedule: NoiseSchedule | None = None,
@@ -174,6 +175,7 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.class_names = list(class_names)
         self.defaults = dict(defaults or {})
+        self.vocabulary = dict(vocabulary or {})  # caption words by category ({}: not checked)
         self.hashes = dict(hashes or {})
         self.name = name
         self.schedule = schedule or make_schedule()  # the training schedule [P Table 8]
@@ -274,6 +276,7 @@ class Pipeline:
             text_encoder=text_encoder,
             class_names=index.class_names,
             defaults=index.sample,
+            vocabulary=index.vocabulary,
             hashes=hashes,
             name=index.name,
             batch_invariant=batch_invariant,

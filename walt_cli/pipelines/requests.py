@@ -152,6 +152,21 @@ def load_sidecar(path: str | os.PathLike) -> Request:
     return request
 
 
+def _warn_unknown_words(prompts: list[str | None], vocabulary: dict[str, list[str]]) -> None:
+    """Warn (once per prompt) about words the model never saw in a caption: the video is still
+    made, but those words steer nothing the model learned."""
+    from walt_cli.console import warn
+    from walt_cli.data.shapes_vocab import describe, unknown_words
+
+    for prompt in dict.fromkeys(p for p in prompts if p):
+        unknown = unknown_words(prompt, vocabulary)
+        if unknown:
+            warn(
+                f"{prompt!r}: words outside the model's vocabulary: {', '.join(unknown)} "
+                f"(it knows {describe(vocabulary)})"
+            )
+
+
 def run(
     request: Request,
     out: Path,
@@ -186,6 +201,8 @@ def run(
         raise WaltError("this model is class-conditional: pass --class NAME|ID instead of a prompt")
     if pipe.conditioning == "text" and any(v is not None for v in request.labels):
         raise WaltError("this model is text-conditioned: pass a prompt instead of --class")
+    if pipe.conditioning == "text" and pipe.vocabulary:
+        _warn_unknown_words(request.prompts, pipe.vocabulary)
     num_frames = request.num_frames or pipe.defaults.get("frames") or pipe.clip_frames
     pipe.check_frames(num_frames)
     fps = float(request.fps or pipe.fps)
