@@ -48,15 +48,17 @@ SHAPES := recipes/shapes.yaml run_dir=$(DEFAULT_RUN)
 # base stage and of the SR stage, with a sixteenth of the pixels of full 128x128 frames.
 TOKENIZER_CROPS := data.resolution=[32,32] data.random_crop=true data.shapes.render_sizes=[64,128] \
 	data.batch_size=8 data.shapes.num_items=100000
+# The SR stage learns a local map: 1024 clips of 128x128 pairs (encoding is the cost) suffice.
+SR_ITEMS := data.shapes.num_items=1024
 
 default-model:  ## train the shapes cascade on this machine (resumable) and export it into the package
 	walt tokenize train $(SHAPES) $(TOKENIZER_CROPS)
 	walt tokenize encode $(SHAPES)
 	walt tokenize encode $(SHAPES) --split val
-	walt tokenize encode $(SHAPES) --sr 1
-	walt tokenize encode $(SHAPES) --sr 1 --split val
 	walt train-base $(SHAPES)
-	walt train-sr $(SHAPES) --stage 1
+	walt tokenize encode $(SHAPES) --sr 1 $(SR_ITEMS)
+	walt tokenize encode $(SHAPES) --sr 1 --split val $(SR_ITEMS)
+	walt train-sr $(SHAPES) --stage 1 $(SR_ITEMS)
 	walt export $(DEFAULT_RUN) --out $(DEFAULT_OUT) --force
 
 clean:  ## remove caches and build files (never runs/)
