@@ -451,7 +451,6 @@ def to_yaml(recipe: Recipe) -> str:
 
 def save_recipe(recipe: Recipe) -> Path:
     """Write the resolved recipe to `<run_dir>/recipe.yaml` (the last command's view of it)."""
-    out = Path(recipe.run_dir) / "recipe.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_yaml(recipe))
-    return out
+    from walt_cli.runio import write_text
+
+    return write_text(Path(recipe.run_dir) / "recipe.yaml", to_yaml(recipe))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from walt_cli.commands.recipe_opts import PRINT_CONFIG, load
+
 app = typer.Typer(
     help="The causal 3D video tokenizer: train it, encode a data set into latents, check how "
     "well it round-trips videos.",
@@ -165,6 +167,7 @@ def train(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Train the causal 3D tokenizer (reconstruction + perceptual + GAN, EMA); rerun to resume.
 
@@ -173,13 +176,17 @@ def train(
 
     Example: walt tokenize train recipes/shapes.yaml tokenizer.max_steps=2000
     """
-    from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
+    from walt_cli.runio import stage_lock
+
+    r = load(recipe, overrides, print_config)
+    if r is None:
+        return
     from walt_cli.systems.tokenizer import train_tokenizer
 
     setup_logging()
-    r = load_recipe(recipe, list(overrides or []))
-    summary = train_tokenizer(r, progress=progress_bar, console=console)
+    with stage_lock(Path(r.run_dir) / "tokenizer"):
+        summary = train_tokenizer(r, progress=progress_bar, console=console)
     console.print(
         f"step {summary['step']}: EMA weights [bold]{summary['weights']}[/], state "
         f"{summary['checkpoint']}, metrics {summary['metrics']}"
@@ -212,6 +219,7 @@ def encode(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Encode the recipe's data set with the EMA tokenizer into latent shards + statistics.
 
@@ -221,16 +229,22 @@ def encode(
 
     Example: walt tokenize encode recipes/shapes.yaml --split val
     """
-    from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
     from walt_cli.errors import WaltError
-    from walt_cli.systems.encode import encode_dataset
+    from walt_cli.runio import stage_lock
 
     if split not in ("train", "val"):
         raise WaltError(f"--split {split!r}: use train or val")
+    r = load(recipe, overrides, print_config)
+    if r is None:
+        return
+    from walt_cli.systems.encode import encode_dataset
+
     setup_logging()
-    r = load_recipe(recipe, list(overrides or []))
-    summary = encode_dataset(r, split=split, device=device, progress=progress_bar, console=console)
+    with stage_lock(Path(r.run_dir) / "latents" / split):
+        summary = encode_dataset(
+            r, split=split, device=device, progress=progress_bar, console=console
+        )
     console.print(
         f"{summary['clips']} clips in {summary['shards']} shards ({summary['skipped_shards']} "
         f"already done) -> [bold]{summary['folder']}[/]; latent mean "

@@ -36,6 +36,7 @@ from walt_cli.diffusion.samplers import sample
 from walt_cli.diffusion.schedules import make_schedule
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
+from walt_cli.runio import write_text
 from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
 
 log = logging.getLogger("walt.base")
@@ -84,13 +85,13 @@ def collate_latents(items: list[dict]) -> dict:
     return batch
 
 
-def joint_sampler(is_image: list[bool], image_ratio: float, *, num_samples: int, generator):
+def joint_sampler(is_image: list[bool], image_ratio: float, *, num_samples: int, seed: int):
     """Draws packs of images with probability `image_ratio` and videos otherwise, whatever their
     counts in the shards (None: a plain shuffle does, the data being videos only).
 
-    A `WeightedRandomSampler` (with replacement); Lightning wraps it for distributed training.
+    Weighted draws with replacement (`ResumableSampler`: sharded over the ranks, resumable).
     """
-    from torch.utils.data import WeightedRandomSampler
+    from walt_cli.systems.rng import ResumableSampler
 
     n_img = sum(is_image)
     n_vid = len(is_image) - n_img
@@ -110,7 +111,7 @@ def joint_sampler(is_image: list[bool], image_ratio: float, *, num_samples: int,
         [image_ratio / n_img if img else (1 - image_ratio) / max(n_vid, 1) for img in is_image],
         dtype=torch.double,
     )
-    return WeightedRandomSampler(weights, num_samples, replacement=True, generator=generator)
+    return ResumableSampler(len(is_image), seed=seed, weights=weights, num_samples=num_samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +620,8 @@ def train_base(
         startup_table,
     )
     from walt_cli.systems.encode import tokenizer_path
+    from walt_cli.systems.parallel import base_needs_unused_search, find_unused_parameters
+    from walt_cli.systems.rng import ResumableSampler
 
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     b, d, t = recipe.base, recipe.data, recipe.trainer
@@ -657,7 +660,7 @@ def train_base(
             stats = measure_stats(tok.to(dev), train_loader, b.stats_batches, tok_hash, dev)
             tok = tok.cpu()
             stage_dir.mkdir(parents=True, exist_ok=True)
-            stats_file.write_text(json.dumps(stats, indent=2) + "\n")
+            write_text(stats_file, json.dumps(stats, indent=2) + "\n")
         latent_size = (
             tok.num_latent_frames(d.num_frames),
             d.resolution[0] // tok.spatial_factor,
@@ -678,14 +681,14 @@ def train_base(
         first = train_set[0]["latent"]
         channels, latent_size = first.shape[0], tuple(first.shape[1:])
         is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
-        g = torch.Generator().manual_seed(t.seed)
-        sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
+        sampler = joint_sampler(
+            is_image, d.image_ratio, num_samples=len(train_set), seed=t.seed
+        ) or ResumableSampler(len(train_set), seed=t.seed)
         train_loader = DataLoader(
             train_set,
             batch_size=batch_size,
-            shuffle=sampler is None,
             sampler=sampler,
-            generator=g if sampler is None else None,
+            generator=torch.Generator().manual_seed(t.seed),
             drop_last=len(train_set) >= batch_size,
             num_workers=t.num_workers,
             persistent_workers=t.num_workers > 0,
@@ -727,7 +730,12 @@ def train_base(
         online=online,
         fps=float(d.fps or d.shapes.fps or 8.0),
     )
-    checkpoint = StepCheckpoint(stage_dir, t.checkpoint_every, on_save=lambda m: m.export())
+    checkpoint = StepCheckpoint(
+        stage_dir,
+        t.checkpoint_every,
+        on_save=lambda m: m.export(),
+        exported=lambda m: m.stage_dir / BASE_FILE,
+    )
     trainer = build_trainer(
         recipe,
         stage_dir,
@@ -736,6 +744,7 @@ def train_base(
         callbacks=[checkpoint, *(callbacks or [])],
         progress=progress,
     )
+    find_unused_parameters(trainer, base_needs_unused_search(recipe))
     from lightning.pytorch.utilities import rank_zero_only
 
     main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table

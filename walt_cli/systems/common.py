@@ -75,9 +75,14 @@ def data_loaders(recipe, *, shuffle_seed: int, batch_size: int | None = None):
         collate_fn=collate,
         persistent_workers=t.num_workers > 0,
     )
-    g = torch.Generator().manual_seed(shuffle_seed)
+    from walt_cli.systems.rng import ResumableSampler
+
     train_loader = DataLoader(
-        train, shuffle=True, drop_last=len(train) >= batch_size, generator=g, **common
+        train,
+        sampler=ResumableSampler(len(train), seed=shuffle_seed),
+        drop_last=len(train) >= batch_size,
+        generator=torch.Generator().manual_seed(shuffle_seed),
+        **common,
     )
     val_loader = DataLoader(val, shuffle=False, **common) if val is not None else None
     return train_loader, val_loader, train, val
@@ -136,10 +141,17 @@ class StepCheckpoint(Callback):
     (e.g. to export EMA weights), on rank zero only.
     """
 
-    def __init__(self, stage_dir: Path, every: int, on_save: Callable | None = None) -> None:
+    def __init__(
+        self,
+        stage_dir: Path,
+        every: int,
+        on_save: Callable | None = None,
+        exported: Callable | None = None,
+    ) -> None:
         self.path = Path(stage_dir) / "last.ckpt"
         self.every = every
         self.on_save = on_save
+        self.exported = exported or (lambda module: None)  # module -> the file on_save writes
         self.saved_step = -1
 
     def _save(self, trainer, module) -> None:
@@ -150,9 +162,22 @@ class StepCheckpoint(Callback):
         self.saved_step = step
         if self.on_save is not None and trainer.is_global_zero:
             self.on_save(module)
+        if hasattr(trainer.logger, "flush"):
+            trainer.logger.flush()  # metrics.csv covers every step the checkpoint holds
 
     def on_train_start(self, trainer, module) -> None:
         self.saved_step = int(module.step)  # a restored state is already on disk
+        if hasattr(trainer.logger, "truncate_after"):
+            trainer.logger.truncate_after(self.saved_step)  # rows a killed run logged after it
+        if self.on_save is not None and trainer.is_global_zero and self.path.is_file():
+            # A kill between the checkpoint and the export left older weights: export again.
+            weights = self.exported(module)
+            if (
+                weights is None
+                or not weights.is_file()
+                or weights.stat().st_mtime_ns < self.path.stat().st_mtime_ns
+            ):
+                self.on_save(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = int(module.step)
@@ -187,49 +212,39 @@ def build_trainer(
     cbs = [*(callbacks or [])]
     if progress:
         cbs.append(RichProgressBar(leave=True))
+    from walt_cli.runio import AtomicCheckpointIO
+    from walt_cli.systems.csv_log import MetricsCSV
+    from walt_cli.systems.parallel import strategy_for, trainer_errors
+    from walt_cli.systems.rng import RandomState
+
+    cbs.insert(0, RandomState(t.seed))
     devices = t.devices
     if not isinstance(devices, (int, str)):
         devices = list(devices)
-    return L.Trainer(
-        default_root_dir=stage_dir,
-        logger=_resumable_csv_logger(stage_dir),
-        accelerator=t.accelerator,
-        devices=devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        max_epochs=-1,
-        max_steps=-1,
-        log_every_n_steps=t.log_every,
-        callbacks=cbs,
-        val_check_interval=val_every if val_every else None,
-        check_val_every_n_epoch=None if val_every else 1,
-        limit_val_batches=val_batches if val_every else 0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-    )
-
-
-def _resumable_csv_logger(stage_dir: Path):
-    """Lightning's CSVLogger writing `stage_dir/metrics.csv`, appending to an earlier run's rows.
-
-    (CSVLogger deletes an existing metrics.csv when it starts; a resumed run keeps its history.)
-    """
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
-    logger = CSVLogger(save_dir=stage_dir, name="", version="")
-    path = Path(stage_dir) / "metrics.csv"
-    previous = path.read_text() if path.is_file() else None
-    writer = logger.experiment  # created now: this is where the old file is removed
-    if previous:
-        path.write_text(previous)
-        header = next(csv.reader(previous.splitlines()), [])
-        writer.metrics_keys = sorted(k for k in header if k)
-    return logger
+    with trainer_errors(t):
+        trainer = L.Trainer(
+            default_root_dir=stage_dir,
+            logger=MetricsCSV(stage_dir / "metrics.csv"),
+            accelerator=t.accelerator,
+            devices=devices,
+            num_nodes=t.num_nodes,
+            strategy=strategy_for(recipe),
+            precision=t.precision,
+            plugins=[AtomicCheckpointIO()],
+            use_distributed_sampler=False,  # walt's samplers shard by rank and resume mid-epoch
+            max_epochs=-1,
+            max_steps=-1,
+            log_every_n_steps=t.log_every,
+            callbacks=cbs,
+            val_check_interval=val_every if val_every else None,
+            check_val_every_n_epoch=None if val_every else 1,
+            limit_val_batches=val_batches if val_every else 0,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+        )
+    return trainer
 
 
 def section_kwargs(section, target) -> dict[str, Any]:
@@ -254,13 +269,24 @@ def fit(trainer, system, train_loader, *, val_loader=None, resume: Path | None =
             "ignore",
             message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
         )
-        trainer.fit(
-            system,
-            train_dataloaders=train_loader,
-            val_dataloaders=val_loader,
-            ckpt_path=str(resume) if resume else None,
-            weights_only=True,
-        )
+        try:
+            trainer.fit(
+                system,
+                train_dataloaders=train_loader,
+                val_dataloaders=val_loader,
+                ckpt_path=str(resume) if resume else None,
+                weights_only=True,
+            )
+        except (RuntimeError, KeyError, ValueError) as err:
+            if resume is None or not any(
+                m in str(err) for m in ("state_dict", "parameter group", "KeyError", "'")
+            ):
+                raise
+            from walt_cli.runio import load_error
+
+            raise WaltError(
+                f"{load_error(resume, err, 'checkpoint of this run')}; move it away to start over"
+            ) from None
 
 
 def startup_table(title: str, rows: list[tuple[str, Any]]):
