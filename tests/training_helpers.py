@@ -4,7 +4,10 @@ rows of a run's metrics.csv."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+
+import lightning as L
 
 from walt_cli.config import load_recipe
 
@@ -25,3 +28,24 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
     """(step, value) of one metric, over the rows that logged it."""
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+class RecordTimesteps(L.Callback):
+    """Writes, per rank, the diffusion timesteps the base network saw in its first steps to
+    `folder/rank-<r>.json` (module level, so `ddp_spawn` can pickle it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.seen: list[list[float]] = []
+
+    def on_train_start(self, trainer, module):
+        def hook(net, args):
+            if net.training and len(self.seen) < 8:
+                self.seen.append(args[1].flatten().tolist())
+
+        self.handle = module.net.register_forward_pre_hook(hook)
+
+    def on_train_end(self, trainer, module):
+        self.handle.remove()
+        out = self.folder / f"rank-{trainer.global_rank}.json"
+        out.write_text(json.dumps(self.seen))

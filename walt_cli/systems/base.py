@@ -733,8 +733,8 @@ def train_base(
     checkpoint = StepCheckpoint(
         stage_dir,
         t.checkpoint_every,
-        on_save=lambda m: m.export(),
-        exported=lambda m: m.stage_dir / BASE_FILE,
+        on_save=BaseSystem.export,  # not a lambda: `ddp_spawn` pickles callbacks
+        weights=BASE_FILE,
     )
     trainer = build_trainer(
         recipe,

@@ -100,16 +100,22 @@ def ema_model(module: torch.nn.Module, decay: float):
     """
     from torch.optim.swa_utils import AveragedModel
 
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+    update = _RampedEMA(decay)  # a class, not a closure: `ddp_spawn` pickles the system
+    return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False)
+
+
+class _RampedEMA:
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged):
         n = float(n_averaged)
-        d = min(decay, (1 + n) / (10 + n))
+        d = min(self.decay, (1 + n) / (10 + n))
         for avg, cur in zip(averaged, current, strict=True):
             if avg.is_floating_point() or avg.is_complex():
                 avg.lerp_(cur, 1 - d)
             else:  # integer buffers (counters, indices): what AveragedModel's own EMA does
                 avg.copy_(avg * d + cur * (1 - d))
-
-    return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
@@ -146,12 +152,12 @@ class StepCheckpoint(Callback):
         stage_dir: Path,
         every: int,
         on_save: Callable | None = None,
-        exported: Callable | None = None,
+        weights: str | None = None,
     ) -> None:
         self.path = Path(stage_dir) / "last.ckpt"
         self.every = every
         self.on_save = on_save
-        self.exported = exported or (lambda module: None)  # module -> the file on_save writes
+        self.weights = Path(stage_dir) / weights if weights else None  # what on_save writes
         self.saved_step = -1
 
     def _save(self, trainer, module) -> None:
@@ -171,7 +177,7 @@ class StepCheckpoint(Callback):
             trainer.logger.truncate_after(self.saved_step)  # rows a killed run logged after it
         if self.on_save is not None and trainer.is_global_zero and self.path.is_file():
             # A kill between the checkpoint and the export left older weights: export again.
-            weights = self.exported(module)
+            weights = self.weights
             if (
                 weights is None
                 or not weights.is_file()

@@ -448,8 +448,8 @@ def train_tokenizer(
     checkpoint = StepCheckpoint(
         stage_dir,
         recipe.trainer.checkpoint_every,
-        on_save=lambda m: m.export_ema(),
-        exported=lambda m: m.stage_dir / TOKENIZER_FILE,
+        on_save=TokenizerSystem.export_ema,  # not a lambda: `ddp_spawn` pickles callbacks
+        weights=TOKENIZER_FILE,
     )
     trainer = build_trainer(
         recipe,
