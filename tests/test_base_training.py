@@ -74,7 +74,6 @@ def test_collate_latents_gives_packs_per_frame_labels_and_text():
 
 def test_joint_sampler_draws_packs_at_the_configured_ratio():
     is_image = [False] * 90 + [True] * 10  # 10% packs in the shards
-    g = torch.Generator().manual_seed(0)
     sampler = joint_sampler(is_image, 0.5, num_samples=4000, seed=0)
     share = sum(is_image[i] for i in sampler) / 4000
     assert abs(share - 0.5) < 0.03
