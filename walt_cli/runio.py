@@ -166,8 +166,11 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> RunLock:
-        if self.folder.exists() and not self.folder.is_dir():
-            raise WaltError(f"{self.folder} is a file; the run directory must be a folder")
+        for p in (self.folder, *self.folder.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise WaltError(f"{p} is a file; the run directory must be a folder")
+                break
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:

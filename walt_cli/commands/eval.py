@@ -92,8 +92,20 @@ def eval_fvd(
 
       walt eval-fvd --fetch-detector   (download the I3D and Inception weights once)
     """
-    from walt_cli.console import console, err_console
+    from walt_cli.console import console, err_console, resolve_device
+    from walt_cli.runio import check_writable, refuse_same
 
+    # Bad options stop here, before any weights are loaded or clips decoded.
+    for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
+        if value < 1:
+            raise WaltError(f"{name} {value}: must be >= 1")
+    if classify is not None and (real is not None or fake is not None):
+        raise WaltError("--classify takes one video and exits; run it without --real/--fake")
+    resolve_device(device)
+    for target, name in ((json_out, "--json"), (export_detector, "--export-detector")):
+        if target is not None:
+            refuse_same(target, real, fake, detector, classify)
+            check_writable(target, what=name)
     acted = False
     if fetch_detector:
         from walt_cli.metrics.weights import fetch
@@ -135,8 +147,9 @@ def eval_fvd(
     )
     _print_result(result)
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        from walt_cli.runio import write_text
+
+        write_text(json_out, json.dumps(result.to_json(), indent=2) + "\n")
     if max_fvd is not None and result.fvd > max_fvd:
         from walt_cli.console import print_error
 

@@ -78,9 +78,22 @@ def reconstruct(
     from walt_cli.console import console, progress
     from walt_cli.data.video import is_image, load_clip, tile_videos, write_video
     from walt_cli.errors import WaltError
+    from walt_cli.runio import check_writable, refuse_same
 
     if out.suffix.lower() not in OUT_FORMATS:
         raise WaltError(f"--out {out}: unsupported format (use {' or '.join(OUT_FORMATS)})")
+    if fps is not None and not fps > 0:
+        raise WaltError(f"--fps {fps:g}: must be positive")
+    for path in videos:
+        if not path.is_file():
+            raise WaltError(f"{path}: not found")
+    # Before any compute: the outputs can be written and overwrite no input.
+    for target, name in ((out, "--out"), (json_out, "--json")):
+        if target is not None:
+            refuse_same(target, *videos, ckpt)
+            check_writable(target, what=name)
+    if json_out is not None:
+        refuse_same(json_out, out)
     torch.manual_seed(seed)  # an untrained preset's weights and --start random
     tok, source = _load_tokenizer(ckpt, preset, seed)
     height, width = _parse_size(size, tok.spatial_factor)
@@ -150,7 +163,9 @@ def reconstruct(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         summary = dict(tokenizer=source, clips=rows, **_means(rows))
-        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+        from walt_cli.runio import write_text
+
+        write_text(json_out, json.dumps(summary, indent=2) + "\n")
     console.print(f"wrote [bold]{out}[/] (left: original, right: reconstruction)")
 
 

@@ -197,6 +197,7 @@ def write_latents(
                         if "frames" in batch
                         else int(batch["video"].shape[2]),
                         "is_image": bool(batch["is_image"][i]),
+                        **({"flip": bool(batch["flip"][i])} if "flip" in batch else {}),
                     }
                 )
         if not rows:

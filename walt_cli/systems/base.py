@@ -232,9 +232,10 @@ class BaseSystem(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if self.optimizer_name == "adafactor":
-            # torch's Adafactor: lr is the largest relative step (scaled by each tensor's RMS).
-            opt = torch.optim.Adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adafactor":  # without parameter scaling (systems/optim.py)
+            from walt_cli.systems.optim import adafactor
+
+            opt = adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.AdamW(
                 params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
@@ -541,6 +542,24 @@ def build_network(recipe, latent_size: tuple[int, int, int], latent_channels: in
     return net
 
 
+def check_latent_size(recipe, latent_size: tuple[int, ...], folder: Path) -> None:
+    """The shards' latent grid (T, h, w) is what the recipe's clips encode to."""
+    from walt_cli.config import SPATIAL_FACTOR, TEMPORAL_FACTOR
+
+    d = recipe.data
+    want = (
+        1 + (d.num_frames - 1) // TEMPORAL_FACTOR,
+        d.resolution[0] // SPATIAL_FACTOR,
+        d.resolution[1] // SPATIAL_FACTOR,
+    )
+    if tuple(latent_size) != want:
+        raise WaltError(
+            f"{folder}: latents of {tuple(latent_size)} (T, h, w), but data.num_frames="
+            f"{d.num_frames} and data.resolution={list(d.resolution)} give {want}; re-encode or "
+            "set the data section to what was encoded"
+        )
+
+
 def measure_stats(tok, loader, batches: int, tokenizer_hash: str, device) -> dict:
     """Per-channel latent mean/std over the first `batches` batches (online encoding)."""
     from walt_cli.data.latents import channel_moments, combine_stats
@@ -680,6 +699,7 @@ def train_base(
         tok_hash = stats["tokenizer"]
         first = train_set[0]["latent"]
         channels, latent_size = first.shape[0], tuple(first.shape[1:])
+        check_latent_size(recipe, latent_size, root / "train")
         is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
         sampler = joint_sampler(
             is_image, d.image_ratio, num_samples=len(train_set), seed=t.seed

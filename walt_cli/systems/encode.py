@@ -106,6 +106,10 @@ def encode_dataset(
     dev = resolve_device(device)
     tok = CausalVideoTokenizer.from_checkpoint(path).to(dev).eval()
     dataset = build_dataset(recipe.data, split, augment=False, drop_unreadable=True)
+    if split == "train":  # K random windows and flips per video; val keeps one centred clip
+        from walt_cli.data.clips import clips_per_video
+
+        dataset = clips_per_video(dataset, recipe.data.clips_per_video, recipe.trainer.seed)
     k = recipe.tokenizer
     folder = Path(recipe.run_dir) / "latents" / split
     save_recipe(recipe)
