@@ -68,7 +68,7 @@ class TrainerConfig:
     devices: Any = "auto"  # "auto", a count, or a list of device ids
     num_nodes: int = 1
     accelerator: str = "auto"
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp | deepspeed_stage_2 ...
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | single_device
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     seed: int = 0
     num_workers: int = 2
@@ -400,7 +400,7 @@ def validate(recipe: Recipe, *, source: str) -> None:
 PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
 HALF_WEIGHTS = ("bf16-true", "16-true", "bf16", "16", "transformer-engine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "single_device")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
 
 
 def _check_optimisation(section, name: str, source: str) -> None:
@@ -448,6 +448,13 @@ def _validate_trainer(t: TrainerConfig, source: str) -> None:
         source,
         "trainer.accelerator",
         f"must be one of {', '.join(ACCELERATORS)}, got {t.accelerator!r}",
+    )
+    _check(
+        not str(t.strategy).startswith(("fsdp", "deepspeed")),
+        source,
+        "trainer.strategy",
+        f"{t.strategy} is not supported yet: the EMA and the previews are not shard-aware; "
+        "use ddp",
     )
     _check(
         str(t.strategy) in STRATEGIES,
