@@ -48,9 +48,11 @@ def check_files(stage: Path, weights: str) -> list[str]:
         except Exception:
             bad.append(str(ckpt))
     if (stage / weights).exists():
-        kind = "tokenizer" if weights.startswith("tokenizer") else "walt"
+        from walt_cli.models import tokenizer, transformer
+
+        module = tokenizer if weights.startswith("tokenizer") else transformer
         try:
-            load_weights(stage / weights, kind=kind)
+            load_weights(stage / weights, kind=module.CHECKPOINT_KIND)
         except Exception:
             bad.append(str(stage / weights))
     metrics = stage / "metrics.csv"
@@ -124,19 +126,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="max_steps of each command")
     p.add_argument("--window", type=float, nargs=2, default=(0.0, 3.0),
                    help="seconds after training starts within which the kill falls")  # fmt: skip
+    p.add_argument("--base-only", action="store_true", help="soak train-base alone")
     a = p.parse_args()
     rng = random.Random(a.seed)
     shutil.rmtree(a.workdir, ignore_errors=True)
     run = a.workdir / "run"
     common = [str(TINY), f"run_dir={run}", "trainer.checkpoint_every=1", "--no-progress"]
     print(f"soak: {a.kills} kills per command, {a.steps} steps, in {a.workdir}", flush=True)
-    reports = [
-        soak("tokenize train",
+    reports = []
+    if not a.base_only:
+        reports.append(soak("tokenize train",
              ["tokenize", "train", *common, f"tokenizer.max_steps={a.steps}",
               "tokenizer.val_every=10"],
-             run / "tokenizer", "tokenizer.safetensors", a.kills, rng, a.window),
-    ]  # fmt: skip
+             run / "tokenizer", "tokenizer.safetensors", a.kills, rng, a.window))  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if a.base_only:  # an untrained tiny tokenizer stands in for the trained one
+        from walt_cli.models.tokenizer import CausalVideoTokenizer
+
+        CausalVideoTokenizer.from_preset("tiny").save(run / "tokenizer" / "tokenizer.safetensors")
     subprocess.run(walt("tokenize", "encode", str(TINY), f"run_dir={run}", "--no-progress"),
                    check=True, capture_output=True, env=env, cwd=REPO)  # fmt: skip
     reports.append(
