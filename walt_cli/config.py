@@ -199,7 +199,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise WaltError(f"{path}: not valid YAML ({_describe(err)})") from None
     if not isinstance(from_file, dict) and not OmegaConf.is_dict(from_file):
         raise WaltError(f"{path}: a recipe is a YAML mapping of sections")
-    if not from_file:
+    if not from_file and _yaml_is_empty(path):  # `{}` is an explicit all-defaults recipe
         raise WaltError(f"{path}: the recipe is empty (a recipe is a YAML mapping of sections)")
 
     cfg = OmegaConf.structured(Recipe)
@@ -223,6 +223,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     recipe: Recipe = cfg  # type: ignore[assignment]  (structured config: typed attribute access)
     validate(recipe, source=str(path))
     return recipe
+
+
+def _yaml_is_empty(path: Path) -> bool:
+    """The file holds no YAML document (empty, blank or comments only)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) is None
+    except yaml.YAMLError:
+        return False
 
 
 def _check(ok: bool, source: str, key: str, message: str) -> None:
@@ -453,8 +463,7 @@ def _validate_trainer(t: TrainerConfig, source: str) -> None:
         not str(t.strategy).startswith(("fsdp", "deepspeed")),
         source,
         "trainer.strategy",
-        f"{t.strategy} is not supported yet: the EMA and the previews are not shard-aware; "
-        "use ddp",
+        f"{t.strategy} is not supported yet: the EMA and the previews are not shard-aware; use ddp",
     )
     _check(
         str(t.strategy) in STRATEGIES,
