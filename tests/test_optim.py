@@ -39,6 +39,7 @@ def train_zero_init_rms(system: BaseSystem, make_opt=None, steps: int = 100) -> 
     return {k: float(w.detach().pow(2).mean().sqrt()) for k, w in layers.items()}
 
 
+@pytest.mark.slow  # 3 x 100 steps of the tiny model (about a minute on 2 loaded cores)
 def test_adafactor_moves_zero_initialised_layers_like_adamw(tmp_path: Path):
     adam = train_zero_init_rms(tiny_system(tmp_path, "adamw"))
     ada = train_zero_init_rms(tiny_system(tmp_path, "adafactor"))
