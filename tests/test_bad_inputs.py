@@ -273,7 +273,7 @@ def test_reconstruct_options(cli, tmp_path: Path, clip: Path, case: str):
                               "is a file, not a folder"),
         "out-is-a-folder": (["--out", str(tmp_path)], "unsupported format"),
         "missing-video": (["--out", str(tmp_path / "o.mp4"), str(tmp_path / "none.mp4")],
-                          "none.mp4: not found"),
+                          "none.mp4: no such file"),
     }[case]  # fmt: skip
     if "--out" not in args:
         args = [*args, "--out", str(tmp_path / "o.mp4")]

@@ -86,7 +86,7 @@ def reconstruct(
         raise WaltError(f"--fps {fps:g}: must be positive")
     for path in videos:
         if not path.is_file():
-            raise WaltError(f"{path}: not found")
+            raise WaltError(f"{path}: no such file")
     # Before any compute: the outputs can be written and overwrite no input.
     for target, name in ((out, "--out"), (json_out, "--json")):
         if target is not None:

@@ -301,20 +301,25 @@ def load_stats(folder: Path, tokenizer: str | None = None) -> dict:
     path = Path(folder) / "stats.json"
     if not path.is_file():
         raise WaltError(f"{path}: no latent statistics; run `walt tokenize encode` first")
+    from walt_cli.runio import load_error
+
     try:
         stats = json.loads(path.read_text())
-        if not isinstance(stats, dict) or not {"mean", "std", "tokenizer"} <= stats.keys():
-            raise ValueError("no mean, std and tokenizer keys")
-        if len(stats["mean"]) != len(stats["std"]) or not stats["mean"]:
-            raise ValueError("mean and std of different lengths")
+        if not isinstance(stats, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError, TypeError) as err:
-        from walt_cli.runio import load_error
-
         raise load_error(path, err, "latent statistics file") from None
     if tokenizer is not None and stats.get("tokenizer") != tokenizer:
         raise WaltError(
             f"{path}: measured with tokenizer {stats.get('tokenizer')}, not {tokenizer}; re-encode"
         )
+    try:
+        if not {"mean", "std", "tokenizer"} <= stats.keys():
+            raise ValueError("no mean, std and tokenizer keys")
+        if len(stats["mean"]) != len(stats["std"]) or not stats["mean"]:
+            raise ValueError("mean and std of different lengths")
+    except (ValueError, TypeError) as err:
+        raise load_error(path, err, "latent statistics file") from None
     return stats
 
 
