@@ -122,9 +122,12 @@ class _RampedEMA:
 
 
 def adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
-    """`torch.optim.AdamW` with its fused kernel (one kernel per step on CUDA and on CPU) where
+    """`torch.optim.AdamW` with its fused kernel (one kernel per step on CUDA) where
     every parameter is a float tensor on a device that has it; the for-loop version otherwise."""
-    fusable = {"cuda", "cpu", "mps", "xpu"}
+    # Not on CPU: a CPU run resumed from last.ckpt with the fused kernel drifted from the
+    # uninterrupted run (tests/test_distributed.py resume equivalence fails; the for-each path
+    # is bitwise), so CPU keeps the for-each implementation until that is understood.
+    fusable = {"cuda", "mps", "xpu"}
     fused = bool(params) and all(p.device.type in fusable and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
