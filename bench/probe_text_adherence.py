@@ -49,13 +49,12 @@ def _heldout(recipe: str, num: int, frames: int, height: int, width: int):
 
     r = load_recipe(
         recipe if Path(recipe).is_file() else REPO / recipe,
-        [
-            "data.shapes.holdout=true",
-            f"data.num_frames={frames}",
-            f"data.resolution=[{height},{width}]",
-            f"data.shapes.num_items={num}",
-        ],
+        ["data.shapes.holdout=true", f"data.shapes.num_items={num}"],
     )
+    # The clip size is set on the data section after the recipe is validated: a recipe is
+    # checked as a whole for training (e.g. base.num_cond_frames against data.num_frames), and
+    # the probe's clip size (1 frame for captions, any --frames) is no training recipe.
+    r.data.num_frames, r.data.resolution = frames, [height, width]
     return build_dataset(r.data, "heldout")
 
 

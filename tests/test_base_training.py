@@ -74,17 +74,16 @@ def test_collate_latents_gives_packs_per_frame_labels_and_text():
 
 def test_joint_sampler_draws_packs_at_the_configured_ratio():
     is_image = [False] * 90 + [True] * 10  # 10% packs in the shards
-    g = torch.Generator().manual_seed(0)
-    sampler = joint_sampler(is_image, 0.5, num_samples=4000, generator=g)
+    sampler = joint_sampler(is_image, 0.5, num_samples=4000, seed=0)
     share = sum(is_image[i] for i in sampler) / 4000
     assert abs(share - 0.5) < 0.03
-    only_videos = list(joint_sampler(is_image, 0.0, num_samples=500, generator=g))
+    only_videos = list(joint_sampler(is_image, 0.0, num_samples=500, seed=0))
     assert not any(is_image[i] for i in only_videos)
-    assert joint_sampler([False] * 5, 0.0, num_samples=5, generator=g) is None  # plain shuffle
+    assert joint_sampler([False] * 5, 0.0, num_samples=5, seed=0) is None  # plain shuffle
     with pytest.raises(WaltError, match="hold no packed images"):
-        joint_sampler([False] * 5, 0.3, num_samples=5, generator=g)
+        joint_sampler([False] * 5, 0.3, num_samples=5, seed=0)
     with pytest.raises(WaltError, match="only packed images"):
-        joint_sampler([True] * 5, 0.3, num_samples=5, generator=g)
+        joint_sampler([True] * 5, 0.3, num_samples=5, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,7 +250,9 @@ def test_foreach_ema_equals_per_tensor_lerp():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-def test_fused_adamw_equals_for_loop_adamw():
+def test_adamw_equals_for_loop_adamw_and_fuses_off_cpu_only():
+    """On CPU `adamw` keeps the for-each path (the fused kernel broke bitwise resume,
+    tests/test_distributed.py); the result equals the plain for-loop AdamW."""
     from walt_cli.systems.common import adamw
 
     torch.manual_seed(0)
@@ -259,7 +261,7 @@ def test_fused_adamw_equals_for_loop_adamw():
     b.load_state_dict(a.state_dict())
     fused = adamw(list(a.parameters()), lr=1e-2, weight_decay=0.1)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
-    assert fused.defaults["fused"]
+    assert not fused.defaults["fused"]
     for _ in range(3):
         x = torch.randn(5, 8)
         for net, opt in ((a, fused), (b, plain)):

@@ -4,7 +4,10 @@ rows of a run's metrics.csv."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+
+import lightning as L
 
 from walt_cli.config import load_recipe
 
@@ -43,3 +46,24 @@ def resume_snapshot(trainer, module) -> dict:
         "sched": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
         "stats": {b: getattr(module, b).clone() for b in buffers if hasattr(module, b)},
     }  # fmt: skip
+
+
+class RecordTimesteps(L.Callback):
+    """Writes, per rank, the diffusion timesteps the base network saw in its first steps to
+    `folder/rank-<r>.json` (module level, so `ddp_spawn` can pickle it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.seen: list[list[float]] = []
+
+    def on_train_start(self, trainer, module):
+        def hook(net, args):
+            if net.training and len(self.seen) < 8:
+                self.seen.append(args[1].flatten().tolist())
+
+        self.handle = module.net.register_forward_pre_hook(hook)
+
+    def on_train_end(self, trainer, module):
+        self.handle.remove()
+        out = self.folder / f"rank-{trainer.global_rank}.json"
+        out.write_text(json.dumps(self.seen))

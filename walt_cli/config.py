@@ -66,6 +66,7 @@ class DataConfig:
     image_ratio: float = 0.0  # share of samples that are packs of independent images
     images_per_sample: int | None = None  # images per packed sample (default: latent frames, 1 + k)
     batch_size: int = 8
+    clips_per_video: int = 1  # `tokenize encode`, train split: K random windows + flips a video
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -76,7 +77,7 @@ class TrainerConfig:
     devices: Any = "auto"  # "auto", a count, or a list of device ids
     num_nodes: int = 1
     accelerator: str = "auto"
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp | deepspeed_stage_2 ...
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | single_device
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     seed: int = 0
     num_workers: int = 2
@@ -259,6 +260,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise WaltError(f"{path}: not valid YAML ({_describe(err)})") from None
     if not isinstance(from_file, dict) and not OmegaConf.is_dict(from_file):
         raise WaltError(f"{path}: a recipe is a YAML mapping of sections")
+    if not from_file and _yaml_is_empty(path):  # `{}` is an explicit all-defaults recipe
+        raise WaltError(f"{path}: the recipe is empty (a recipe is a YAML mapping of sections)")
 
     cfg = OmegaConf.structured(Recipe)
     try:
@@ -290,6 +293,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     recipe: Recipe = cfg  # type: ignore[assignment]  (structured config: typed attribute access)
     validate(recipe, source=str(path))
     return recipe
+
+
+def _yaml_is_empty(path: Path) -> bool:
+    """The file holds no YAML document (empty, blank or comments only)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) is None
+    except yaml.YAMLError:
+        return False
 
 
 def _check(ok: bool, source: str, key: str, message: str) -> None:
@@ -361,6 +374,12 @@ def validate(recipe: Recipe, *, source: str) -> None:
         "is set but data.images names no image folder or manifest",
     )
     _check(d.batch_size >= 1, source, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _check(
+        d.clips_per_video >= 1,
+        source,
+        "data.clips_per_video",
+        f"must be >= 1, got {d.clips_per_video}",
+    )
     _check(d.shapes.max_objects >= 1, source, "data.shapes.max_objects", "must be >= 1")
     _check(d.shapes.num_items >= 1, source, "data.shapes.num_items", "must be >= 1")
     sizes = d.shapes.render_sizes
@@ -432,12 +451,123 @@ def validate(recipe: Recipe, *, source: str) -> None:
         "tokenizer.shard_size",
         "shard_size and encode_batch_size must be >= 1",
     )
+    _check_optimisation(k, "tokenizer", source)
+    _check(
+        k.disc_lr is None or k.disc_lr > 0,
+        source,
+        "tokenizer.disc_lr",
+        f"must be positive (or null: lr), got {k.disc_lr}",
+    )
+    for key in ("recon_weight", "perceptual_weight", "gan_weight", "r1_weight", "lecam_weight"):
+        value = getattr(k, key)
+        _check(value >= 0, source, f"tokenizer.{key}", f"must be >= 0, got {value}")
+    _check(0.0 <= k.lecam_decay < 1.0, source, "tokenizer.lecam_decay", "must be in [0, 1)")
+    _check(k.disc_start >= 0, source, "tokenizer.disc_start", "must be >= 0")
+    _check(
+        k.disc_channels >= 1 and len(k.disc_multipliers) >= 1 and min(k.disc_multipliers) >= 1,
+        source,
+        "tokenizer.disc_channels",
+        "disc_channels and every disc_multipliers entry must be >= 1",
+    )
     _validate_base(recipe.base, source)
     _validate_sr(recipe, source)
     _validate_text_encoder(recipe, source)
     _validate_sample(recipe.sample, source)
-    t = recipe.trainer
+    b, latent_frames = recipe.base, 1 + (d.num_frames - 1) // TEMPORAL_FACTOR
+    _check(
+        b.p_frame_pred == 0 or max(b.num_cond_frames) < latent_frames,
+        source,
+        "base.num_cond_frames",
+        f"{list(b.num_cond_frames)} leaves nothing to predict: data.num_frames={d.num_frames} "
+        f"gives {latent_frames} latent frames (condition on fewer)",
+    )
+    _validate_trainer(recipe.trainer, source)
+
+
+# What walt runs Lightning with (https://lightning.ai/docs/pytorch/stable/common/trainer.html).
+PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
+HALF_WEIGHTS = ("bf16-true", "16-true", "bf16", "16", "transformer-engine")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
+
+
+def _check_optimisation(section, name: str, source: str) -> None:
+    """Ranges shared by the optimiser keys of every training section."""
+    _check(section.lr > 0, source, f"{name}.lr", f"must be positive, got {section.lr}")
+    _check(
+        all(0.0 <= beta < 1.0 for beta in section.betas),
+        source,
+        f"{name}.betas",
+        f"each beta must be in [0, 1), got {list(section.betas)}",
+    )
+    wd = getattr(section, "weight_decay", 0.0)
+    _check(wd >= 0, source, f"{name}.weight_decay", f"must be >= 0, got {wd}")
+    _check(
+        section.grad_clip >= 0,
+        source,
+        f"{name}.grad_clip",
+        f"must be >= 0 (0: off), got {section.grad_clip}",
+    )
+    _check(
+        0.0 <= section.min_lr_ratio <= 1.0,
+        source,
+        f"{name}.min_lr_ratio",
+        f"must be in [0, 1], got {section.min_lr_ratio}",
+    )
+
+
+def _validate_trainer(t: TrainerConfig, source: str) -> None:
+    precision = str(t.precision)
+    _check(
+        precision not in HALF_WEIGHTS,
+        source,
+        "trainer.precision",
+        f"{precision} keeps the weights themselves in half precision, where the optimiser's "
+        "and the EMA's small updates round away; use bf16-mixed (or 16-mixed, 32-true)",
+    )
+    _check(
+        precision in PRECISIONS,
+        source,
+        "trainer.precision",
+        f"must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+    )
+    _check(
+        str(t.accelerator) in ACCELERATORS,
+        source,
+        "trainer.accelerator",
+        f"must be one of {', '.join(ACCELERATORS)}, got {t.accelerator!r}",
+    )
+    _check(
+        not str(t.strategy).startswith(("fsdp", "deepspeed")),
+        source,
+        "trainer.strategy",
+        f"{t.strategy} is not supported yet: the EMA and the previews are not shard-aware; use ddp",
+    )
+    _check(
+        str(t.strategy) in STRATEGIES,
+        source,
+        "trainer.strategy",
+        f"must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}",
+    )
+    devices = t.devices
+    ok = (
+        devices == "auto"
+        or (isinstance(devices, int) and (devices >= 1 or devices == -1))
+        or (isinstance(devices, str) and devices.lstrip("-").isdigit() and int(devices) != 0)
+        or (
+            not isinstance(devices, (int, str))
+            and len(devices) >= 1
+            and all(isinstance(i, int) and i >= 0 for i in devices)
+        )
+    )
+    _check(
+        ok,
+        source,
+        "trainer.devices",
+        f"must be auto, a count >= 1 (-1: all), or a list of device ids, got {devices!r}",
+    )
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
+    _check(t.seed >= 0, source, "trainer.seed", f"must be >= 0, got {t.seed}")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
     _check(t.log_every >= 1, source, "trainer.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, source, "trainer.checkpoint_every", "must be >= 1")
@@ -477,7 +607,12 @@ def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
     )
     check(len(b.betas) == 2, "betas", f"must be [beta1, beta2], got {list(b.betas)}")
     check(b.max_steps >= 1 and b.warmup_steps >= 0, "max_steps", "must be >= 1 (warmup >= 0)")
-    check(b.lr > 0, "lr", f"must be positive, got {b.lr}")
+    _check_optimisation(b, key, source)
+    check(
+        b.guidance_scale is None or b.guidance_scale >= 0,
+        "guidance_scale",
+        f"must be >= 0 (or null), got {b.guidance_scale}",
+    )
     check(
         b.lr_schedule in ("cosine", "constant"),
         "lr_schedule",
@@ -640,7 +775,6 @@ def to_yaml(recipe: Recipe) -> str:
 
 def save_recipe(recipe: Recipe) -> Path:
     """Write the resolved recipe to `<run_dir>/recipe.yaml` (the last command's view of it)."""
-    out = Path(recipe.run_dir) / "recipe.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(to_yaml(recipe))
-    return out
+    from walt_cli.runio import write_text
+
+    return write_text(Path(recipe.run_dir) / "recipe.yaml", to_yaml(recipe))

@@ -117,8 +117,20 @@ def eval_fvd(
 
       walt eval-fvd --model runs/ucf101 --real ucf_test.jsonl -n 10000 --devices 8 --json fvd.json
     """
-    from walt_cli.console import console, err_console
+    from walt_cli.console import console, err_console, resolve_device
+    from walt_cli.runio import check_writable, refuse_same
 
+    # Bad options stop here, before any weights are loaded or clips decoded.
+    for name, value in (("--batch-size", batch_size), ("--repeats", repeats)):
+        if value < 1:
+            raise WaltError(f"{name} {value}: must be >= 1")
+    if classify is not None and (real is not None or fake is not None):
+        raise WaltError("--classify takes one video and exits; run it without --real/--fake")
+    resolve_device(device)
+    for target, name in ((json_out, "--json"), (export_detector, "--export-detector")):
+        if target is not None:
+            refuse_same(target, real, fake, detector, classify)
+            check_writable(target, what=name)
     acted = False
     if fetch_detector:
         from walt_cli.metrics.weights import fetch
@@ -141,10 +153,6 @@ def eval_fvd(
             raise WaltError("--model needs --real (the clips its samples are scored against)")
         if num_samples is None:
             raise WaltError("--model needs --num-samples N (how many samples to generate)")
-        if json_out is not None:
-            from walt_cli.pipelines.requests import check_writable
-
-            check_writable(json_out.parent / "x")  # before the sampling, not after it
         generation = _generate(
             model, real, fake, num_samples, task, seed, sample_steps, guidance, sample_batch,
             devices, device,
@@ -184,8 +192,9 @@ def eval_fvd(
             data["num_samples"] = num_samples
         data["max_fvd"] = max_fvd
         data["passed"] = passed
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(data, indent=2) + "\n")
+        from walt_cli.runio import write_text
+
+        write_text(json_out, json.dumps(data, indent=2) + "\n")
     if not passed:
         from walt_cli.console import print_error
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from walt_cli.commands.recipe_opts import PRINT_CONFIG, load
+
 app = typer.Typer(
     help="The causal 3D video tokenizer: train it, encode a data set into latents, check how "
     "well it round-trips videos.",
@@ -76,9 +78,22 @@ def reconstruct(
     from walt_cli.console import console, progress
     from walt_cli.data.video import is_image, load_clip, tile_videos, write_video
     from walt_cli.errors import WaltError
+    from walt_cli.runio import check_writable, refuse_same
 
     if out.suffix.lower() not in OUT_FORMATS:
         raise WaltError(f"--out {out}: unsupported format (use {' or '.join(OUT_FORMATS)})")
+    if fps is not None and not fps > 0:
+        raise WaltError(f"--fps {fps:g}: must be positive")
+    for path in videos:
+        if not path.is_file():
+            raise WaltError(f"{path}: no such file")
+    # Before any compute: the outputs can be written and overwrite no input.
+    for target, name in ((out, "--out"), (json_out, "--json")):
+        if target is not None:
+            refuse_same(target, *videos, ckpt)
+            check_writable(target, what=name)
+    if json_out is not None:
+        refuse_same(json_out, out)
     torch.manual_seed(seed)  # an untrained preset's weights and --start random
     tok, source = _load_tokenizer(ckpt, preset, seed)
     height, width = _parse_size(size, tok.spatial_factor)
@@ -148,7 +163,9 @@ def reconstruct(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         summary = dict(tokenizer=source, clips=rows, **_means(rows))
-        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+        from walt_cli.runio import write_text
+
+        write_text(json_out, json.dumps(summary, indent=2) + "\n")
     console.print(f"wrote [bold]{out}[/] (left: original, right: reconstruction)")
 
 
@@ -165,6 +182,7 @@ def train(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Train the causal 3D tokenizer (reconstruction + perceptual + GAN, EMA); rerun to resume.
 
@@ -173,13 +191,17 @@ def train(
 
     Example: walt tokenize train recipes/shapes.yaml tokenizer.max_steps=2000
     """
-    from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
+    from walt_cli.runio import stage_lock
+
+    r = load(recipe, overrides, print_config)
+    if r is None:
+        return
     from walt_cli.systems.tokenizer import train_tokenizer
 
     setup_logging()
-    r = load_recipe(recipe, list(overrides or []))
-    summary = train_tokenizer(r, progress=progress_bar, console=console)
+    with stage_lock(Path(r.run_dir) / "tokenizer"):
+        summary = train_tokenizer(r, progress=progress_bar, console=console)
     console.print(
         f"step {summary['step']}: EMA weights [bold]{summary['weights']}[/], state "
         f"{summary['checkpoint']}, metrics {summary['metrics']}"
@@ -218,6 +240,7 @@ def encode(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Encode the recipe's data set with the EMA tokenizer into latent shards + statistics.
 
@@ -229,18 +252,24 @@ def encode(
 
     Example: walt tokenize encode recipes/shapes.yaml --split val ; ... --sr 1
     """
-    from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
     from walt_cli.errors import WaltError
-    from walt_cli.systems.encode import encode_dataset
+    from walt_cli.runio import stage_lock
 
     if split not in ("train", "val"):
         raise WaltError(f"--split {split!r}: use train or val")
+    r = load(recipe, overrides, print_config)
+    if r is None:
+        return
+    from walt_cli.systems.encode import encode_dataset
+
     setup_logging()
-    r = load_recipe(recipe, list(overrides or []))
-    summary = encode_dataset(
-        r, split=split, device=device, progress=progress_bar, console=console, sr=sr
-    )
+    from walt_cli.systems.encode import latent_folder
+
+    with stage_lock(latent_folder(r, sr) / split):
+        summary = encode_dataset(
+            r, split=split, device=device, progress=progress_bar, console=console, sr=sr
+        )
     console.print(
         f"{summary['clips']} clips in {summary['shards']} shards ({summary['skipped_shards']} "
         f"already done) -> [bold]{summary['folder']}[/]; latent mean "

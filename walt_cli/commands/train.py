@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from walt_cli.commands.recipe_opts import PRINT_CONFIG, load
+
 
 def train_base(
     recipe: Path = typer.Argument(
@@ -23,6 +25,7 @@ def train_base(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Train the base latent transformer (v-prediction, self-conditioning, EMA); rerun to resume.
 
@@ -33,13 +36,17 @@ def train_base(
 
     Example: walt train-base recipes/shapes.yaml base.max_steps=2000
     """
-    from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
+    from walt_cli.runio import stage_lock
+
+    r = load(recipe, overrides, print_config)
+    if r is None:
+        return
     from walt_cli.systems.base import train_base as run
 
     setup_logging()
-    r = load_recipe(recipe, list(overrides or []))
-    summary = run(r, progress=progress_bar, console=console)
+    with stage_lock(Path(r.run_dir) / "base"):
+        summary = run(r, progress=progress_bar, console=console)
     if summary["main_process"]:
         _report(summary)
 
@@ -74,6 +81,7 @@ def train_sr(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Train super-resolution stage N of the cascade (noise-conditioning augmentation, EMA);
     rerun to resume.
@@ -85,12 +93,16 @@ def train_sr(
 
     Example: walt train-sr recipes/shapes.yaml --stage 1 sr.0.max_steps=2000
     """
-    from walt_cli.config import load_recipe
     from walt_cli.console import console, setup_logging
+    from walt_cli.runio import stage_lock
+
+    r = load(recipe, overrides, print_config)
+    if r is None:
+        return
     from walt_cli.systems.sr import train_sr as run
 
     setup_logging()
-    r = load_recipe(recipe, list(overrides or []))
-    summary = run(r, stage, progress=progress_bar, console=console)
+    with stage_lock(Path(r.run_dir) / f"sr{stage}"):
+        summary = run(r, stage, progress=progress_bar, console=console)
     if summary["main_process"]:
         _report(summary)

@@ -362,6 +362,11 @@ def collate(items: list[dict]) -> dict:
         "start": torch.tensor([it["start"] for it in items]),
         "is_image": torch.tensor([bool(it["is_image"]) for it in items]),
         "frames": torch.tensor(frames),
+        **(
+            {"flip": torch.tensor([bool(it.get("flip")) for it in items])}
+            if any("flip" in it for it in items)
+            else {}
+        ),
     }
 
 

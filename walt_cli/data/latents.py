@@ -110,9 +110,10 @@ def write_shard(
         tensors["lowres"] = low
         m = channel_moments(low, rows=rows, tokenizer=tokenizer)
         meta["walt.lowres_moments"] = json.dumps([m.channel_sum, m.channel_sumsq, m.channel_count])
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    from walt_cli.runio import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_shard_info(path: Path) -> ShardInfo:
@@ -244,6 +245,7 @@ def write_latents(
                         if "frames" in batch
                         else int(batch["video"].shape[2]),
                         "is_image": bool(batch["is_image"][i]),
+                        **({"flip": bool(batch["flip"][i])} if "flip" in batch else {}),
                     }
                 )
         if not rows:
@@ -273,12 +275,12 @@ def write_latents(
         infos.append(read_shard_info(path))
         if on_shard:
             on_shard(k, n_shards, False)
-    with open(folder / "index.jsonl", "w") as f:
-        for info in infos:
-            for row in info.rows:
-                f.write(json.dumps(row) + "\n")
+    from walt_cli.runio import write_text
+
+    index = "".join(json.dumps(row) + "\n" for info in infos for row in info.rows)
+    write_text(folder / "index.jsonl", index)
     stats = combine_stats(infos)
-    (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_text(folder / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
 
 
@@ -299,11 +301,25 @@ def load_stats(folder: Path, tokenizer: str | None = None) -> dict:
     path = Path(folder) / "stats.json"
     if not path.is_file():
         raise WaltError(f"{path}: no latent statistics; run `walt tokenize encode` first")
-    stats = json.loads(path.read_text())
+    from walt_cli.runio import load_error
+
+    try:
+        stats = json.loads(path.read_text())
+        if not isinstance(stats, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, TypeError) as err:
+        raise load_error(path, err, "latent statistics file") from None
     if tokenizer is not None and stats.get("tokenizer") != tokenizer:
         raise WaltError(
             f"{path}: measured with tokenizer {stats.get('tokenizer')}, not {tokenizer}; re-encode"
         )
+    try:
+        if not {"mean", "std", "tokenizer"} <= stats.keys():
+            raise ValueError("no mean, std and tokenizer keys")
+        if len(stats["mean"]) != len(stats["std"]) or not stats["mean"]:
+            raise ValueError("mean and std of different lengths")
+    except (ValueError, TypeError) as err:
+        raise load_error(path, err, "latent statistics file") from None
     return stats
 
 
@@ -318,7 +334,16 @@ class LatentShards(Dataset):
         index = self.folder / "index.jsonl"
         if not index.is_file():
             raise WaltError(f"{self.folder}: no index.jsonl; run `walt tokenize encode` first")
-        self.rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+        try:
+            self.rows = [
+                json.loads(line) for line in index.read_text().splitlines() if line.strip()
+            ]
+            for row in self.rows:
+                int(row["shard"]), int(row["row"]), row["label"]  # noqa: B018 (checks the keys)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            from walt_cli.runio import load_error
+
+            raise load_error(index, err, "latent index") from None
         if not self.rows:
             raise WaltError(f"{index}: empty")
         self._handles: dict[int, object] = {}
@@ -330,20 +355,32 @@ class LatentShards(Dataset):
         from safetensors import safe_open
 
         if k not in self._handles:
-            self._handles[k] = safe_open(str(shard_path(self.folder, k)), framework="pt")
+            path = shard_path(self.folder, k)
+            try:
+                self._handles[k] = safe_open(str(path), framework="pt")
+            except Exception as err:  # missing, truncated or foreign file
+                from walt_cli.runio import load_error
+
+                raise load_error(path, err, "latent shard") from None
         return self._handles[k]
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         shard = self._shard(row["shard"])
         item = dict(row)
-        item["latent"] = shard.get_slice("latents")[row["row"]]
-        keys = shard.keys()
-        if "text" in keys:
-            item["text"] = shard.get_slice("text")[row["row"]]
-            item["text_mask"] = shard.get_slice("text_mask")[row["row"]]
-        if "lowres" in keys:
-            item["lowres"] = shard.get_slice("lowres")[row["row"]]
+        try:
+            item["latent"] = shard.get_slice("latents")[row["row"]]
+            keys = shard.keys()
+            if "text" in keys:
+                item["text"] = shard.get_slice("text")[row["row"]]
+                item["text_mask"] = shard.get_slice("text_mask")[row["row"]]
+            if "lowres" in keys:
+                item["lowres"] = shard.get_slice("lowres")[row["row"]]
+        except Exception as err:
+            from walt_cli.runio import load_error
+
+            path = shard_path(self.folder, row["shard"])
+            raise load_error(path, err, f"latent shard (row {row['row']})") from None
         return item
 
     def __getstate__(self):  # handles are per process: workers reopen them

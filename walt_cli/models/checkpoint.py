@@ -40,9 +40,10 @@ def save_weights(
     }
     if extra:
         meta["walt.extra"] = json.dumps(extra, sort_keys=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    from walt_cli.runio import atomic_path
+
+    with atomic_path(path) as tmp:  # never leave a half-written checkpoint behind
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from walt_cli.diffusion.losses import diffusion_loss
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
+from walt_cli.runio import write_text
 from walt_cli.systems.common import (
     DiffusionSystem,
     build_network,
@@ -88,13 +89,13 @@ def collate_latents(items: list[dict]) -> dict:
     return batch
 
 
-def joint_sampler(is_image: list[bool], image_ratio: float, *, num_samples: int, generator):
+def joint_sampler(is_image: list[bool], image_ratio: float, *, num_samples: int, seed: int):
     """Draws packs of images with probability `image_ratio` and videos otherwise, whatever their
     counts in the shards (None: a plain shuffle does, the data being videos only).
 
-    A `WeightedRandomSampler` (with replacement); Lightning wraps it for distributed training.
+    Weighted draws with replacement (`ResumableSampler`: sharded over the ranks, resumable).
     """
-    from torch.utils.data import WeightedRandomSampler
+    from walt_cli.systems.rng import ResumableSampler
 
     n_img = sum(is_image)
     n_vid = len(is_image) - n_img
@@ -114,7 +115,7 @@ def joint_sampler(is_image: list[bool], image_ratio: float, *, num_samples: int,
         [image_ratio / n_img if img else (1 - image_ratio) / max(n_vid, 1) for img in is_image],
         dtype=torch.double,
     )
-    return WeightedRandomSampler(weights, num_samples, replacement=True, generator=generator)
+    return ResumableSampler(len(is_image), seed=seed, weights=weights, num_samples=num_samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +354,24 @@ def init_weights(net: WALT, path: Path) -> None:
     load_state_strict(net, source.state_dict(), path)
 
 
+def check_latent_size(recipe, latent_size: tuple[int, ...], folder: Path) -> None:
+    """The shards' latent grid (T, h, w) is what the recipe's clips encode to."""
+    from walt_cli.config import SPATIAL_FACTOR, TEMPORAL_FACTOR
+
+    d = recipe.data
+    want = (
+        1 + (d.num_frames - 1) // TEMPORAL_FACTOR,
+        d.resolution[0] // SPATIAL_FACTOR,
+        d.resolution[1] // SPATIAL_FACTOR,
+    )
+    if tuple(latent_size) != want:
+        raise WaltError(
+            f"{folder}: latents of {tuple(latent_size)} (T, h, w), but data.num_frames="
+            f"{d.num_frames} and data.resolution={list(d.resolution)} give {want}; re-encode or "
+            "set the data section to what was encoded"
+        )
+
+
 def measure_stats(tok, loader, batches: int, tokenizer_hash: str, device) -> dict:
     """Per-channel latent mean/std over the first `batches` batches (online encoding)."""
     from walt_cli.data.latents import channel_moments, combine_stats
@@ -399,16 +418,18 @@ def shard_loader(recipe, train_set, batch_size: int):
     images at `data.image_ratio` (`joint_sampler`), batched by `collate_latents`."""
     from torch.utils.data import DataLoader
 
+    from walt_cli.systems.rng import ResumableSampler
+
     t, d = recipe.trainer, recipe.data
     is_image = [bool(r.get("is_image", False)) for r in train_set.rows]
-    g = torch.Generator().manual_seed(t.seed)
-    sampler = joint_sampler(is_image, d.image_ratio, num_samples=len(train_set), generator=g)
+    sampler = joint_sampler(
+        is_image, d.image_ratio, num_samples=len(train_set), seed=t.seed
+    ) or ResumableSampler(len(train_set), seed=t.seed)
     loader = DataLoader(
         train_set,
         batch_size=batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
-        generator=g if sampler is None else None,
+        generator=torch.Generator().manual_seed(t.seed),
         drop_last=len(train_set) >= batch_size,
         num_workers=t.num_workers,
         persistent_workers=t.num_workers > 0,
@@ -498,7 +519,7 @@ def train_base(
             stats = measure_stats(tok.to(dev), train_loader, b.stats_batches, tok_hash, dev)
             tok = tok.cpu()
             stage_dir.mkdir(parents=True, exist_ok=True)
-            stats_file.write_text(json.dumps(stats, indent=2) + "\n")
+            write_text(stats_file, json.dumps(stats, indent=2) + "\n")
         latent_size = (
             tok.num_latent_frames(d.num_frames),
             d.resolution[0] // tok.spatial_factor,
@@ -518,6 +539,7 @@ def train_base(
         tok_hash = stats["tokenizer"]
         first = train_set[0]["latent"]
         channels, latent_size = first.shape[0], tuple(first.shape[1:])
+        check_latent_size(recipe, latent_size, root / "train")
         train_loader, source = shard_loader(recipe, train_set, batch_size)
         preview_items = _first_items(preview_source(root, train_set), b.preview_samples)
         collate_items = collate_latents

@@ -77,9 +77,14 @@ def data_loaders(recipe, *, shuffle_seed: int, batch_size: int | None = None):
         collate_fn=collate,
         persistent_workers=t.num_workers > 0,
     )
-    g = torch.Generator().manual_seed(shuffle_seed)
+    from walt_cli.systems.rng import ResumableSampler
+
     train_loader = DataLoader(
-        train, shuffle=True, drop_last=len(train) >= batch_size, generator=g, **common
+        train,
+        sampler=ResumableSampler(len(train), seed=shuffle_seed),
+        drop_last=len(train) >= batch_size,
+        generator=torch.Generator().manual_seed(shuffle_seed),
+        **common,
     )
     val_loader = DataLoader(val, shuffle=False, **common) if val is not None else None
     return train_loader, val_loader, train, val
@@ -97,9 +102,17 @@ def ema_model(module: torch.nn.Module, decay: float):
     """
     from torch.optim.swa_utils import AveragedModel
 
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
+    update = _RampedEMA(decay)  # a class, not a closure: `ddp_spawn` pickles the system
+    return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False)
+
+
+class _RampedEMA:
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged):
         n = float(n_averaged)
-        d = min(decay, (1 + n) / (10 + n))
+        d = min(self.decay, (1 + n) / (10 + n))
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floats:  # one multi-tensor lerp over every float tensor instead of one call each
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
@@ -107,13 +120,14 @@ def ema_model(module: torch.nn.Module, decay: float):
             if not avg.is_floating_point():  # integer buffers: what AveragedModel's EMA does
                 avg.copy_(avg * d + cur * (1 - d))
 
-    return AveragedModel(module, multi_avg_fn=update, use_buffers=True).requires_grad_(False)
-
 
 def adamw(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
-    """`torch.optim.AdamW` with its fused kernel (one kernel per step on CUDA and on CPU) where
+    """`torch.optim.AdamW` with its fused kernel (one kernel per step on CUDA) where
     every parameter is a float tensor on a device that has it; the for-loop version otherwise."""
-    fusable = {"cuda", "cpu", "mps", "xpu"}
+    # Not on CPU: a CPU run resumed from last.ckpt with the fused kernel drifted from the
+    # uninterrupted run (tests/test_distributed.py resume equivalence fails; the for-each path
+    # is bitwise), so CPU keeps the for-each implementation until that is understood.
+    fusable = {"cuda", "mps", "xpu"}
     fused = bool(params) and all(p.device.type in fusable and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
@@ -147,10 +161,17 @@ class StepCheckpoint(Callback):
     (e.g. to export EMA weights), on rank zero only.
     """
 
-    def __init__(self, stage_dir: Path, every: int, on_save: Callable | None = None) -> None:
+    def __init__(
+        self,
+        stage_dir: Path,
+        every: int,
+        on_save: Callable | None = None,
+        weights: str | None = None,
+    ) -> None:
         self.path = Path(stage_dir) / "last.ckpt"
         self.every = every
         self.on_save = on_save
+        self.weights = Path(stage_dir) / weights if weights else None  # what on_save writes
         self.saved_step = -1
 
     def _save(self, trainer, module) -> None:
@@ -161,9 +182,22 @@ class StepCheckpoint(Callback):
         self.saved_step = step
         if self.on_save is not None and trainer.is_global_zero:
             self.on_save(module)
+        if hasattr(trainer.logger, "flush"):
+            trainer.logger.flush()  # metrics.csv covers every step the checkpoint holds
 
     def on_train_start(self, trainer, module) -> None:
         self.saved_step = int(module.step)  # a restored state is already on disk
+        if hasattr(trainer.logger, "truncate_after"):
+            trainer.logger.truncate_after(self.saved_step)  # rows a killed run logged after it
+        if self.on_save is not None and trainer.is_global_zero and self.path.is_file():
+            # A kill between the checkpoint and the export left older weights: export again.
+            weights = self.weights
+            if (
+                weights is None
+                or not weights.is_file()
+                or weights.stat().st_mtime_ns < self.path.stat().st_mtime_ns
+            ):
+                self.on_save(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = int(module.step)
@@ -198,49 +232,39 @@ def build_trainer(
     cbs = [*(callbacks or [])]
     if progress:
         cbs.append(RichProgressBar(leave=True))
+    from walt_cli.runio import AtomicCheckpointIO
+    from walt_cli.systems.csv_log import MetricsCSV
+    from walt_cli.systems.parallel import strategy_for, trainer_errors
+    from walt_cli.systems.rng import RandomState
+
+    cbs.insert(0, RandomState(t.seed))
     devices = t.devices
     if not isinstance(devices, (int, str)):
         devices = list(devices)
-    return L.Trainer(
-        default_root_dir=stage_dir,
-        logger=_resumable_csv_logger(stage_dir),
-        accelerator=t.accelerator,
-        devices=devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        max_epochs=-1,
-        max_steps=-1,
-        log_every_n_steps=t.log_every,
-        callbacks=cbs,
-        val_check_interval=val_every if val_every else None,
-        check_val_every_n_epoch=None if val_every else 1,
-        limit_val_batches=val_batches if val_every else 0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-    )
-
-
-def _resumable_csv_logger(stage_dir: Path):
-    """Lightning's CSVLogger writing `stage_dir/metrics.csv`, appending to an earlier run's rows.
-
-    (CSVLogger deletes an existing metrics.csv when it starts; a resumed run keeps its history.)
-    """
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
-    logger = CSVLogger(save_dir=stage_dir, name="", version="")
-    path = Path(stage_dir) / "metrics.csv"
-    previous = path.read_text() if path.is_file() else None
-    writer = logger.experiment  # created now: this is where the old file is removed
-    if previous:
-        path.write_text(previous)
-        header = next(csv.reader(previous.splitlines()), [])
-        writer.metrics_keys = sorted(k for k in header if k)
-    return logger
+    with trainer_errors(t):
+        trainer = L.Trainer(
+            default_root_dir=stage_dir,
+            logger=MetricsCSV(stage_dir / "metrics.csv"),
+            accelerator=t.accelerator,
+            devices=devices,
+            num_nodes=t.num_nodes,
+            strategy=strategy_for(recipe),
+            precision=t.precision,
+            plugins=[AtomicCheckpointIO()],
+            use_distributed_sampler=False,  # walt's samplers shard by rank and resume mid-epoch
+            max_epochs=-1,
+            max_steps=-1,
+            log_every_n_steps=t.log_every,
+            callbacks=cbs,
+            val_check_interval=val_every if val_every else None,
+            check_val_every_n_epoch=None if val_every else 1,
+            limit_val_batches=val_batches if val_every else 0,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+        )
+    return trainer
 
 
 def section_kwargs(section, target) -> dict[str, Any]:
@@ -265,13 +289,24 @@ def fit(trainer, system, train_loader, *, val_loader=None, resume: Path | None =
             "ignore",
             message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
         )
-        trainer.fit(
-            system,
-            train_dataloaders=train_loader,
-            val_dataloaders=val_loader,
-            ckpt_path=str(resume) if resume else None,
-            weights_only=True,
-        )
+        try:
+            trainer.fit(
+                system,
+                train_dataloaders=train_loader,
+                val_dataloaders=val_loader,
+                ckpt_path=str(resume) if resume else None,
+                weights_only=True,
+            )
+        except (RuntimeError, KeyError, ValueError) as err:
+            if resume is None or not any(
+                m in str(err) for m in ("state_dict", "parameter group", "KeyError", "'")
+            ):
+                raise
+            from walt_cli.runio import load_error
+
+            raise WaltError(
+                f"{load_error(resume, err, 'checkpoint of this run')}; move it away to start over"
+            ) from None
 
 
 def startup_table(title: str, rows: list[tuple[str, Any]]):
@@ -428,9 +463,10 @@ class DiffusionSystem(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if self.optimizer_name == "adafactor":
-            # torch's Adafactor: lr is the largest relative step (scaled by each tensor's RMS).
-            opt = torch.optim.Adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adafactor":  # without parameter scaling (systems/optim.py)
+            from walt_cli.systems.optim import adafactor
+
+            opt = adafactor(params, lr=self.lr, weight_decay=self.weight_decay)
         else:
             opt = adamw(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         # constant: the cosine's floor at 1 (linear warmup, then the peak lr throughout)
@@ -589,8 +625,13 @@ def run_stage(
     this is the process that reports, DDP running one per device)."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from walt_cli.systems.parallel import base_needs_unused_search, find_unused_parameters
+
     checkpoint = StepCheckpoint(
-        stage_dir, recipe.trainer.checkpoint_every, on_save=lambda m: m.export()
+        stage_dir,
+        recipe.trainer.checkpoint_every,
+        on_save=type(system).export,  # not a lambda: `ddp_spawn` pickles callbacks
+        weights=system.export_file,
     )
     trainer = build_trainer(
         recipe,
@@ -600,6 +641,7 @@ def run_stage(
         callbacks=[checkpoint, *(callbacks or [])],
         progress=progress,
     )
+    find_unused_parameters(trainer, base_needs_unused_search(recipe))
     main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
     if console is not None and main_process:
         rows = denoiser_rows(recipe, section, system.net, trainer, **table)

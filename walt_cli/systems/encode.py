@@ -149,6 +149,10 @@ def encode_dataset(
     if text_encoder is not None:
         text_encoder.to(dev)
     dataset = build_dataset(data, split, augment=False, drop_unreadable=True)
+    if split == "train":  # K random windows and flips per video; val keeps one centred clip
+        from walt_cli.data.clips import clips_per_video
+
+        dataset = clips_per_video(dataset, data.clips_per_video, recipe.trainer.seed)
     k = recipe.tokenizer
     folder = latent_folder(recipe, sr) / split
     save_recipe(recipe)

@@ -36,6 +36,7 @@ from walt_cli.losses.perceptual import build_perceptual, psnr, reconstruction_lo
 from walt_cli.models.discriminator import Discriminator3D
 from walt_cli.models.tokenizer import CausalVideoTokenizer
 from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
+from walt_cli.systems.parallel import SeparateDDP, ddp_unit, outside_system_ddp
 
 log = logging.getLogger("walt.tokenizer")
 
@@ -183,10 +184,11 @@ class TokenizerSystem(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """Loss terms of the discriminator (non-saturating, LeCam, lazy r1)."""
         terms: dict[str, torch.Tensor] = {"d_adv": 0.0, "lecam": 0.0, "r1": 0.0}  # type: ignore[dict-item]
+        disc = ddp_unit(self, "discriminator")  # its own DDP under data parallelism
         for x, r in zip(groups, recons, strict=True):
             real = x.detach().requires_grad_(with_r1)
-            real_logits = self.discriminator(real)  # (N,)
-            fake_logits = self.discriminator(r.detach())  # (N,)
+            real_logits = disc(real)  # (N,)
+            fake_logits = disc(r.detach())  # (N,)
             terms["d_adv"] = terms["d_adv"] + d_loss_nonsaturating(real_logits, fake_logits)
             terms["lecam"] = terms["lecam"] + self.lecam(real_logits, fake_logits)
             if with_r1:
@@ -246,7 +248,8 @@ class TokenizerSystem(L.LightningModule):
             d_terms = self.discriminator_losses(groups, recons, with_r1)
             if self.guard.ok(d_terms["d_loss"], step=step):
                 opt_d.zero_grad(set_to_none=True)
-                self.manual_backward(d_terms["d_loss"])
+                with outside_system_ddp(self):  # synchronised by the discriminator's own DDP
+                    self.manual_backward(d_terms["d_loss"])
                 if self.grad_clip > 0:
                     self.clip_gradients(
                         opt_d, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
@@ -443,14 +446,17 @@ def train_tokenizer(
             )
         )
     checkpoint = StepCheckpoint(
-        stage_dir, recipe.trainer.checkpoint_every, on_save=lambda m: m.export_ema()
+        stage_dir,
+        recipe.trainer.checkpoint_every,
+        on_save=TokenizerSystem.export_ema,  # not a lambda: `ddp_spawn` pickles callbacks
+        weights=TOKENIZER_FILE,
     )
     trainer = build_trainer(
         recipe,
         stage_dir,
         val_every=k.val_every if val_loader is not None else None,
         val_batches=k.val_batches,
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=[checkpoint, SeparateDDP("discriminator"), *(callbacks or [])],
         progress=progress,
     )
     fit(trainer, system, train_loader, val_loader=val_loader, resume=resume)
