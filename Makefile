@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help install assets test test-all lint fmt bench bench-gpu default-model clean
+.PHONY: help install assets test test-all lint fmt bench bench-gpu default-model eval-default clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,17 @@ default-model:  ## train the shapes cascade on this machine (resumable) and expo
 	walt tokenize encode $(SHAPES) --sr 1 --split val $(SR_ITEMS)
 	walt train-sr $(SHAPES) --stage 1 $(SR_ITEMS)
 	walt export $(DEFAULT_RUN) --out $(DEFAULT_OUT) --force
+
+# The README's quality figures of the default model (bench/eval_default_model.py): tokenizer PSNR,
+# FVD beside its floor and the untrained pipeline, text adherence, animate, `walt sample` time.
+# Hours on a CPU; rerun to resume. Working files and the JSON stay outside the work tree.
+EVAL_MODEL ?= default
+EVAL_OUT ?= $(HOME)/.cache/walt/eval/default-model
+EVAL_ARGS ?=
+
+eval-default:  ## the default model's quality figures (README sizes; hours on a CPU, resumable)
+	$(PYTHON) bench/eval_default_model.py --model $(EVAL_MODEL) --out $(EVAL_OUT) \
+		--json $(EVAL_OUT)/default_model.json --num 256 --tok-num 64 --animate-num 32 $(EVAL_ARGS)
 
 clean:  ## remove caches and build files (never runs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -62,25 +62,30 @@ def make_run(
     frame_pred: float = 0.5,
     sample: str = "steps: [3, 2]",
     sr_cond: bool = True,
+    latent_frames: int = 3,
+    text_encoder: dict | None = None,
 ) -> Path:
-    """runs/<name> layout: recipe.yaml, tokenizer/, base/, sr1/ (see the module docstring)."""
+    """runs/<name> layout: recipe.yaml, tokenizer/, base/, sr1/ (see the module docstring).
+
+    `latent_frames` 5 makes 17-frame clips (what FVD's 16-frame protocols need); `text_encoder`
+    (a real encoder's `describe()`, with `text=True`) replaces the fake one, so that the
+    command line, which loads the encoder the bundle names, can sample the run."""
     torch.manual_seed(0)
     tok = CausalVideoTokenizer.from_preset("tiny")
     tok_file = root / "tokenizer" / "tokenizer.safetensors"
     tok.save(tok_file)
     th = file_hash(tok_file)
+    spec = text_encoder or {"name": "fake", "path": None, "max_length": 8, "dtype": "float32",
+                            "hash": FakeTextEncoder.hash}  # fmt: skip
     cond = (
-        {"num_classes": 0, "text_dim": TEXT_DIM}
+        {"num_classes": 0, "text_dim": int(spec.get("dim", TEXT_DIM))}
         if text
         else {"num_classes": num_classes, "text_dim": None}
     )
-    text_extra = (
-        {"text_encoder": {"name": "fake", "path": None, "max_length": 8, "dtype": "float32",
-                          "hash": FakeTextEncoder.hash}}
-        if text else {}
-    )  # fmt: skip
+    text_extra = {"text_encoder": spec} if text else {}
+    lt = latent_frames
     base = WALT.from_preset(
-        "tiny", latent_size=(3, 4, 4), spatial_window=(4, 4), st_window=(2, 2), **cond
+        "tiny", latent_size=(lt, 4, 4), spatial_window=(4, 4), st_window=(2, 2), **cond
     )
     _perturb(base, 1)
     base.save(
@@ -90,7 +95,7 @@ def make_run(
     )  # fmt: skip
     if sr:
         net = WALT.from_preset(
-            "tiny", latent_size=(3, 8, 8), spatial_window=(8, 8), st_window=(4, 4),
+            "tiny", latent_size=(lt, 8, 8), spatial_window=(8, 8), st_window=(4, 4),
             lowres_factor=2, noise_level_cond=True,
             **(cond if sr_cond else {"num_classes": 0, "text_dim": None}),
         )  # fmt: skip
@@ -103,7 +108,7 @@ def make_run(
                    **text_extra},
         )  # fmt: skip
     (root / "recipe.yaml").write_text(
-        f"name: {root.name}\ndata:\n  source: shapes\n  num_frames: 9\n  fps: 8\n"
+        f"name: {root.name}\ndata:\n  source: shapes\n  num_frames: {1 + 4 * (lt - 1)}\n  fps: 8\n"
         f"sample:\n  {sample}\n"
     )
     return root
