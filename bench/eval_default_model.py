@@ -120,7 +120,7 @@ class Report:
         right = [i > 0 for i in range(len(header))]
         self.print(
             "| " + " | ".join(header) + " |",
-            "|" + "|".join(" ---: |" if r else " --- |" for r in right),
+            "|" + "".join(" ---: |" if r else " --- |" for r in right),
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
         )
 
