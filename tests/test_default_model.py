@@ -64,7 +64,7 @@ def test_unknown_words_warn_and_still_make_a_video(cli, tmp_path):
     assert "outside the model's vocabulary: panda, taking, selfie" in r.output
     assert out.stat().st_size > 0
     sidecar = json.loads(out.with_suffix(".json").read_text())
-    assert sidecar["prompt"] == "A panda taking a selfie!"
+    assert sidecar["request"]["prompts"] == ["A panda taking a selfie!"]
     r = cli("sample", PROMPT, "--steps", "1,1", "--out", tmp_path / "ok.mp4", "--no-progress")
     assert r.exit_code == 0 and "vocabulary" not in r.output
 
