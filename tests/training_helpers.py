@@ -67,3 +67,57 @@ class RecordTimesteps(L.Callback):
         self.handle.remove()
         out = self.folder / f"rank-{trainer.global_rank}.json"
         out.write_text(json.dumps(self.seen))
+
+
+def run_ranks(target, *args, world: int = 2, timeout: float = 1200.0) -> None:
+    """`target(*args)` in `world` forked processes that find their rank in the environment, as
+    torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT): Lightning launches
+    nothing and each process is one rank. Forked, not spawned, so no process imports torch
+    and Lightning again. Raises if a rank fails."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, target, args)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * world, f"rank exit codes {codes}"
+
+
+def _rank_main(rank: int, world: int, port: int, target, args) -> None:
+    import os
+    import traceback
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+        RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
+    )  # fmt: skip
+    import torch
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # GNU OpenMP's thread team does not survive a fork (the child waits on the parent's
+    # workers): each rank computes on one thread of its own.
+    torch.set_num_threads(1)
+
+    rank_zero_only.rank = rank  # what Lightning reads from the environment at import
+    import sys
+
+    code = 0
+    try:
+        target(*args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)  # not the parent's (pytest's) exit handlers

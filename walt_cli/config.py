@@ -77,7 +77,10 @@ class TrainerConfig:
     devices: Any = "auto"  # "auto", a count, or a list of device ids
     num_nodes: int = 1
     accelerator: str = "auto"
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | single_device
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ddp_fork | single_device | fsdp
+    # fsdp only: full (one last.ckpt file gathered on rank 0) | sharded (a last.ckpt/ folder,
+    # each rank writes its shard: for models whose full state does not fit one process)
+    fsdp_checkpoint: str = "full"
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     seed: int = 0
     num_workers: int = 2
@@ -488,7 +491,8 @@ def validate(recipe: Recipe, *, source: str) -> None:
 PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
 HALF_WEIGHTS = ("bf16-true", "16-true", "bf16", "16", "transformer-engine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device", "fsdp")
+FSDP_CHECKPOINTS = ("full", "sharded")
 
 
 def _check_optimisation(section, name: str, source: str) -> None:
@@ -538,10 +542,10 @@ def _validate_trainer(t: TrainerConfig, source: str) -> None:
         f"must be one of {', '.join(ACCELERATORS)}, got {t.accelerator!r}",
     )
     _check(
-        not str(t.strategy).startswith(("fsdp", "deepspeed")),
+        not str(t.strategy).startswith("deepspeed"),
         source,
         "trainer.strategy",
-        f"{t.strategy} is not supported yet: the EMA and the previews are not shard-aware; use ddp",
+        f"{t.strategy} is not supported: use fsdp to shard a model that does not fit one device",
     )
     _check(
         str(t.strategy) in STRATEGIES,
@@ -567,6 +571,12 @@ def _validate_trainer(t: TrainerConfig, source: str) -> None:
         f"must be auto, a count >= 1 (-1: all), or a list of device ids, got {devices!r}",
     )
     _check(t.num_nodes >= 1, source, "trainer.num_nodes", "must be >= 1")
+    _check(
+        t.fsdp_checkpoint in FSDP_CHECKPOINTS,
+        source,
+        "trainer.fsdp_checkpoint",
+        f"must be one of {', '.join(FSDP_CHECKPOINTS)}, got {t.fsdp_checkpoint!r}",
+    )
     _check(t.seed >= 0, source, "trainer.seed", f"must be >= 0, got {t.seed}")
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
     _check(t.log_every >= 1, source, "trainer.log_every", "must be >= 1")

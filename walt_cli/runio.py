@@ -85,6 +85,50 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode())
 
 
+def partial_dir(path: Path) -> Path:
+    """Where a folder that replaces `path` (a sharded checkpoint) is written first."""
+    return path.with_name(path.name + ".partial")
+
+
+def old_dir(path: Path) -> Path:
+    """Where `replace_dir` keeps the previous `path` until the new one is in place."""
+    return path.with_name(path.name + ".old")
+
+
+def replace_dir(new: Path | None, path: Path) -> None:
+    """Put the finished folder `new` at `path` (None: remove `path`), crash safe: two renames
+    with the previous version under `old_dir(path)` in between, so at every moment one complete
+    version exists under `path` or `old_dir(path)` (`recover_dir` puts it back)."""
+    import shutil
+
+    def remove(p: Path) -> None:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+    path = Path(path)
+    old = old_dir(path)
+    try:
+        if path.exists():
+            remove(old)  # `path` is complete: an older copy is not needed
+            os.replace(path, old)
+        if new is not None:
+            _fsync_dir(Path(new))
+            os.replace(new, path)
+        _fsync_dir(path.parent)
+        remove(old)
+    except OSError as err:
+        raise write_error(path, err) from None
+
+
+def recover_dir(path: Path) -> None:
+    """After a kill between `replace_dir`'s renames: the previous version back at `path`."""
+    path, old = Path(path), old_dir(Path(path))
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
 def clean_temps(folder: str | os.PathLike) -> int:
     """Remove temp files that a killed process left in `folder` (and below); returns how many.
     Called under the folder's `RunLock`, so no live writer owns them."""

@@ -26,13 +26,16 @@ def save_weights(
     kind: str,
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `module`'s state dict with its config (JSON-serialisable constructor keywords)."""
+    """Write `module`'s state dict (or `state`) with its config (JSON-serialisable constructor
+    keywords)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = module.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {
         "walt.format": FORMAT_VERSION,
         "walt.kind": kind,

@@ -490,11 +490,19 @@ class WALT(nn.Module):
         net.checkpoint_extra = extra
         return net
 
-    def save(self, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
-        """Write safetensors weights with the constructor config (and `extra`) as metadata."""
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        extra: dict[str, Any] | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Write safetensors weights with the constructor config (and `extra`) as metadata;
+        `state`: the weights to write when they are not this module's own (e.g. gathered from
+        FSDP shards)."""
         from walt_cli.models.checkpoint import save_weights
 
-        save_weights(path, self, kind=CHECKPOINT_KIND, config=self.config, extra=extra)
+        save_weights(path, self, kind=CHECKPOINT_KIND, config=self.config, extra=extra, state=state)
 
     @property
     def num_parameters(self) -> int:

@@ -269,12 +269,14 @@ class BaseSystem(DiffusionSystem):
         real = pipe.decode(self.denormalize(z0)).cpu() if cond_latents is not None else None
         return videos, real
 
-    def write_preview(self) -> Path:
+    def write_preview(self) -> Path | None:
         """previews/step-XXXXXXX.mp4 (.png for images) and a .json saying what each tile is."""
         from walt_cli.data.video import tile_videos, write_video
 
         spec = self.preview
         videos, real = self.generate(spec)
+        if self._trainer is not None and not self.trainer.is_global_zero:  # FSDP: rank zero writes
+            return None
         if real is not None:  # frame prediction: each real clip beside its continuation
             tiles = torch.stack([v for pair in zip(real, videos, strict=True) for v in pair])
             ncols = 2

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from walt_cli.errors import WaltError
+from walt_cli.systems.parallel import is_sharded
 
 log = logging.getLogger("walt.train")
 
@@ -149,8 +150,18 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
 
 
 def last_checkpoint(stage_dir: Path) -> Path | None:
+    """The stage's last.ckpt: a file, or a folder (FSDP's sharded checkpoints), or None."""
+    from walt_cli.runio import recover_dir
+
     path = Path(stage_dir) / "last.ckpt"
-    return path if path.is_file() else None
+    recover_dir(path)  # a kill between a sharded checkpoint's two renames
+    return path if path.is_file() or path.is_dir() else None
+
+
+def _written_ns(path: Path) -> int:
+    """When a checkpoint (file, or sharded folder: its metadata file) was written."""
+    meta = path / "meta.pt"
+    return (meta if path.is_dir() and meta.is_file() else path).stat().st_mtime_ns
 
 
 class StepCheckpoint(Callback):
@@ -158,7 +169,8 @@ class StepCheckpoint(Callback):
 
     The system's own step counter decides (`module.step`), not Lightning's global_step, which in
     manual optimisation counts each optimizer's steps. `on_save(module)` runs after each save
-    (e.g. to export EMA weights), on rank zero only.
+    (e.g. to export EMA weights): on rank zero only, or under FSDP on every rank (the weights are
+    gathered from the shards; rank zero writes them).
     """
 
     def __init__(
@@ -180,7 +192,7 @@ class StepCheckpoint(Callback):
             return
         trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = step
-        if self.on_save is not None and trainer.is_global_zero:
+        if self._exports(trainer):
             self.on_save(module)
         if hasattr(trainer.logger, "flush"):
             trainer.logger.flush()  # metrics.csv covers every step the checkpoint holds
@@ -189,15 +201,25 @@ class StepCheckpoint(Callback):
         self.saved_step = int(module.step)  # a restored state is already on disk
         if hasattr(trainer.logger, "truncate_after"):
             trainer.logger.truncate_after(self.saved_step)  # rows a killed run logged after it
-        if self.on_save is not None and trainer.is_global_zero and self.path.is_file():
-            # A kill between the checkpoint and the export left older weights: export again.
+        if not self._exports(trainer):
+            return
+        # A kill between the checkpoint and the export left older weights: export again
+        # (rank zero decides: under FSDP every rank takes part in the export).
+        stale = False
+        if trainer.is_global_zero and (self.path.is_file() or self.path.is_dir()):
             weights = self.weights
-            if (
+            stale = (
                 weights is None
                 or not weights.is_file()
-                or weights.stat().st_mtime_ns < self.path.stat().st_mtime_ns
-            ):
-                self.on_save(module)
+                or weights.stat().st_mtime_ns < _written_ns(self.path)
+            )
+        if is_sharded(trainer.strategy):
+            stale = trainer.strategy.broadcast(stale)
+        if stale:
+            self.on_save(module)
+
+    def _exports(self, trainer) -> bool:
+        return self.on_save is not None and (trainer.is_global_zero or is_sharded(trainer.strategy))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = int(module.step)
@@ -216,8 +238,10 @@ def build_trainer(
     val_batches: int,
     callbacks: list | None = None,
     progress: bool = True,
+    section=None,
 ):
-    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir`.
+    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir`
+    (`section`: the diffusion stage's recipe section, which `trainer.strategy=fsdp` shards).
 
     Steps are counted by the system (it stops the trainer at its own max_steps, and a
     `StepCheckpoint` among `callbacks` writes last.ckpt), because in manual optimisation
@@ -241,6 +265,7 @@ def build_trainer(
     devices = t.devices
     if not isinstance(devices, (int, str)):
         devices = list(devices)
+    strategy = strategy_for(recipe, section)
     with trainer_errors(t):
         trainer = L.Trainer(
             default_root_dir=stage_dir,
@@ -248,7 +273,7 @@ def build_trainer(
             accelerator=t.accelerator,
             devices=devices,
             num_nodes=t.num_nodes,
-            strategy=strategy_for(recipe),
+            strategy=strategy,
             precision=t.precision,
             plugins=[AtomicCheckpointIO()],
             use_distributed_sampler=False,  # walt's samplers shard by rank and resume mid-epoch
@@ -484,7 +509,8 @@ class DiffusionSystem(L.LightningModule):
     def wants_preview(self) -> bool:
         return bool(self.preview_every)
 
-    def write_preview(self) -> Path:
+    def write_preview(self) -> Path | None:
+        """Sample and write a preview (rank zero writes; None elsewhere)."""
         raise NotImplementedError
 
     def export_extra(self) -> dict[str, Any]:
@@ -515,17 +541,7 @@ class DiffusionSystem(L.LightningModule):
         self.manual_backward(out.loss)
         step += 1
         logging_step = step % self.log_every == 0 or step == 1 or step >= self.max_steps
-        grad_norm = None
-        # This rank's gradient norm before clipping (not under a 16-mixed loss scaler, whose
-        # gradients are still scaled here).
-        if logging_step and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.net.parameters() if p.grad is not None]
-            )
-        if self.grad_clip > 0:
-            self.clip_gradients(
-                opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
-            )
+        grad_norm = self._clip_gradients(opt, logging_step)
         opt.step()
         sched.step()
         if self.ema is not None:
@@ -554,11 +570,41 @@ class DiffusionSystem(L.LightningModule):
         if (
             self.wants_preview()
             and (step % self.preview_every == 0 or step >= self.max_steps)
-            and self.trainer.is_global_zero
+            and (self.trainer.is_global_zero or self.sharded)
         ):
+            # Under FSDP every rank samples (each layer gathers its shards from all ranks) and
+            # rank zero writes the files; under DDP rank zero alone samples its full replica.
             self.write_preview()
             self._clock = None  # the preview's time is not training time
         return None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are sharded over the ranks (FSDP)."""
+        return self._trainer is not None and is_sharded(self.trainer.strategy)
+
+    def _clip_gradients(self, opt, logging_step: bool) -> torch.Tensor | None:
+        """Clip to `grad_clip` (0: off); returns the norm before clipping on logging steps (not
+        under a 16-mixed loss scaler, whose gradients are still scaled here)."""
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if self.sharded:
+            # The norm of the whole gradient, from every rank's shard: FSDP's own method on the
+            # root unit (a collective, so every rank calls it on the same steps).
+            if self.grad_clip > 0 or (logging_step and not scaled):
+                root = self.trainer.strategy.model
+                norm = root.clip_grad_norm_(self.grad_clip if self.grad_clip > 0 else math.inf)
+                return norm if logging_step and not scaled else None
+            return None
+        grad_norm = None
+        if logging_step and not scaled:  # this rank's gradient (DDP: already all-reduced)
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.net.parameters() if p.grad is not None]
+            )
+        if self.grad_clip > 0:
+            self.clip_gradients(
+                opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
+            )
+        return grad_norm
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         """metrics.csv rows keyed by the system's step, flushed at once (a killed run keeps them)."""
@@ -569,9 +615,15 @@ class DiffusionSystem(L.LightningModule):
     # ---------------------------------------------------------------------------------------
     # Export and checkpoint extras (primitives only, so resuming loads with weights_only=True)
 
-    def export(self) -> Path:
+    def export(self) -> Path | None:
         """<stage>.safetensors: the EMA (or raw) weights, their config, the latent statistics,
-        the text encoder (text models) and what the stage adds (`export_extra`)."""
+        the text encoder (text models) and what the stage adds (`export_extra`). Under FSDP
+        every rank calls this (the weights are gathered) and rank zero writes (None elsewhere)."""
+        from walt_cli.systems.parallel import full_state_dict
+
+        state = full_state_dict(self.model, self._trainer)
+        if state is None:
+            return None
         extra: dict[str, Any] = {
             "step": int(self.step),
             "ema": self.ema is not None,
@@ -584,7 +636,9 @@ class DiffusionSystem(L.LightningModule):
         if self.text_encoder is not None and getattr(self.net, "text_dim", None):
             extra["text_encoder"] = dict(self.text_encoder)
         extra.update(self.export_extra())
-        return self.model.save(self.stage_dir / self.export_file, extra=extra)
+        path = self.stage_dir / self.export_file
+        self.model.save(path, extra=extra, state=state)
+        return path
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["walt_guard"] = self.guard.state_dict()
@@ -640,8 +694,14 @@ def run_stage(
         val_batches=0,
         callbacks=[checkpoint, *(callbacks or [])],
         progress=progress,
+        section=section,
     )
     find_unused_parameters(trainer, base_needs_unused_search(recipe))
+    if is_sharded(trainer.strategy):
+        # FSDP checkpoints activations per block itself (`section.gradient_checkpointing`
+        # sets its policy, parallel.fsdp_strategy): the network's own checkpointing is off.
+        system.net.gradient_checkpointing = False
+    parameters = system.net.num_parameters  # before FSDP replaces the weights by shards
     main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
     if console is not None and main_process:
         rows = denoiser_rows(recipe, section, system.net, trainer, **table)
@@ -656,7 +716,7 @@ def run_stage(
         "previews": str(stage_dir / "previews"),
         "resumed": resume is not None,
         "main_process": main_process,
-        "parameters": system.net.num_parameters,
+        "parameters": parameters,
     }
 
 
@@ -718,11 +778,18 @@ def denoiser_rows(
         ("steps", f"{b.max_steps}" + (f" (resuming from {resume})" if resume else "")),
         ("batch", f"{batch} per device x {world} = {batch * world}"),
         ("precision", str(t.precision)),
-        ("devices", f"{t.accelerator}: {t.devices} x {t.num_nodes} node(s), {t.strategy}"),
+        ("devices", f"{t.accelerator}: {t.devices} x {t.num_nodes} node(s), {strategy_row(t, b)}"),
         ("SDPA", sdpa),
         ("previews", previews),
         ("output", str(output)),
     ]
+
+
+def strategy_row(t, section) -> str:
+    if str(t.strategy) != "fsdp":
+        return str(t.strategy)
+    ckpt = "activation checkpointing per block, " if section.gradient_checkpointing else ""
+    return f"fsdp (one shard unit per transformer block, {ckpt}{t.fsdp_checkpoint} checkpoints)"
 
 
 def build_network(section, latent_size: tuple[int, int, int], latent_channels: int, **extra):

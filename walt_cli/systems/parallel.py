@@ -1,4 +1,4 @@
-"""Data-parallel structure of the training systems under DDP (and what FSDP needs).
+"""Data-parallel structure of the training systems under DDP, and FSDP for the diffusion stages.
 
 Lightning wraps a whole LightningModule in one `DistributedDataParallel`, whose reducer expects
 every trainable parameter to receive a gradient in every backward pass that follows a forward.
@@ -117,10 +117,124 @@ def outside_system_ddp(module):
 # The trainer section -> Lightning
 
 
-def strategy_for(recipe):
-    """`trainer.strategy` as Lightning takes it (a registered name, or a strategy object for
-    the keys walt adds to it)."""
-    return str(recipe.trainer.strategy)
+def strategy_for(recipe, section=None):
+    """`trainer.strategy` as Lightning takes it: a registered name, or for `fsdp` the FSDP
+    strategy of a diffusion stage (`section`: base or sr[N-1], whose transformer it shards)."""
+    t = recipe.trainer
+    if str(t.strategy) != "fsdp":
+        return str(t.strategy)
+    if section is None:
+        raise WaltError(
+            "trainer.strategy=fsdp shards the diffusion transformers (train-base, train-sr); "
+            "the tokenizer trains with ddp (trainer.strategy=ddp)"
+        )
+    return fsdp_strategy(t, section)
+
+
+def is_sharded(strategy) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP
+#
+# Why Lightning's `FSDPStrategy` (FSDP1) with `use_orig_params=True`, and not FSDP2
+# (`fully_shard` under Lightning's `ModelParallelStrategy`): `trainer.strategy: fsdp` is the name
+# Lightning registers for this strategy, so the recipe key means what Lightning's docs say; it
+# runs on CPU with gloo (the tests) as on GPUs with NCCL; and Lightning 2.6 marks
+# `ModelParallelStrategy` experimental and leaves mixed precision and the wrapping of every
+# module to a `configure_model` hook. With `use_orig_params=True` every parameter outside
+# forward/backward is a view of this rank's piece of its unit's flat shard. The network and its
+# EMA copy are two units of identical structure wrapped by the same policy, so their flat layouts
+# and their per-rank pieces coincide element for element: the EMA update (a lerp over
+# `zip(ema.parameters(), net.parameters())`) runs on the local shards, with no communication and
+# no full copy of the weights on any rank, and equals the unsharded update.
+
+
+def fsdp_strategy(t, section):
+    """Lightning's FSDPStrategy for a diffusion stage: one FSDP unit per transformer block and
+    one per network (the trained net and its EMA copy, so the EMA can be sampled and exported
+    by itself), activation checkpointing per block where `section.gradient_checkpointing`, and
+    `trainer.fsdp_checkpoint` (full | sharded) checkpoints."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    from walt_cli.models.transformer import WALT, WALTBlock
+
+    mixed = None
+    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(t.precision))
+    if low is not None:
+        # Lightning's default casts the buffers too (the latent statistics, position tables)
+        # and sums gradients in half precision; walt keeps both in float32, as DDP does.
+        mixed = MixedPrecision(param_dtype=low, reduce_dtype=torch.float32, buffer_dtype=None)
+    return CrashSafeFSDP(
+        auto_wrap_policy={WALTBlock, WALT},
+        activation_checkpointing_policy={WALTBlock} if section.gradient_checkpointing else None,
+        state_dict_type=t.fsdp_checkpoint,
+        mixed_precision=mixed,
+        use_orig_params=True,
+    )
+
+
+def _strategy_base():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy
+
+
+class CrashSafeFSDP(_strategy_base()):
+    """FSDPStrategy whose checkpoints are crash safe and read with `weights_only`.
+
+    A full checkpoint is one file written by rank 0 through walt's `AtomicCheckpointIO`.
+    A sharded one is a folder (each rank's shard and the metadata): it is written beside the
+    target as `<name>.partial/` and swapped in (`runio.replace_dir`), so a kill or a full disk
+    leaves the previous checkpoint. Lightning reads a full checkpoint with a lazy unpickler;
+    walt reads it with `torch.load(weights_only=True)` first, which refuses anything but
+    tensors and primitives and turns a damaged file into one line.
+    """
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from pathlib import Path
+
+        from walt_cli.runio import partial_dir, replace_dir
+
+        path = Path(self.broadcast(str(filepath)))
+        partial = partial_dir(path)
+        if self.is_global_zero:
+            replace_dir(None, partial)  # what a killed save left
+        self.barrier()
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier()
+        if self.is_global_zero:
+            replace_dir(partial, path)
+        self.barrier()
+        return None
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from pathlib import Path
+
+        from walt_cli.runio import torch_load
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_file():
+            torch_load(path)  # weights_only, one-line errors (see the class docstring)
+        return super().load_checkpoint(path, weights_only=True)
+
+
+def full_state_dict(module, trainer=None) -> dict | None:
+    """`module`'s full state dict (float tensors on the CPU). Under FSDP every rank must call
+    this (the shards are gathered) and only rank zero gets the dict; the others get None."""
+    if trainer is None or not is_sharded(trainer.strategy):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(module, options=options)
+    return state if trainer.is_global_zero else None
 
 
 @contextlib.contextmanager

@@ -173,12 +173,14 @@ class SRSystem(DiffusionSystem):
         truth = decode(denormalize(z0, self.latent_mean, self.latent_std)).float().clamp(-1, 1)
         return low.cpu(), out, truth.cpu()
 
-    def write_preview(self) -> Path:
+    def write_preview(self) -> Path | None:
         """previews/step-XXXXXXX.mp4 (.png for images): one row per clip, low-res input
         (nearest-upsampled) | SR output | ground truth, and a .json saying so."""
         from walt_cli.data.video import tile_videos, write_video
 
         low, out, truth = self.generate(self.preview_batch)
+        if self._trainer is not None and not self.trainer.is_global_zero:  # FSDP: rank zero writes
+            return None
         tiles = torch.stack([v for row in zip(low, out, truth, strict=True) for v in row])
         step = int(self.step)
         suffix = ".png" if out.shape[2] == 1 else ".mp4"

@@ -388,7 +388,9 @@ def train_tokenizer(
         last_checkpoint,
         startup_table,
     )
+    from walt_cli.systems.parallel import strategy_for
 
+    strategy_for(recipe)  # refuses trainer.strategy=fsdp before any work
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     stage_dir = Path(recipe.run_dir) / "tokenizer"
     stage_dir.mkdir(parents=True, exist_ok=True)
