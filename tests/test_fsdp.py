@@ -72,7 +72,6 @@ def test_base_fsdp_trains_previews_checkpoints_resumes_and_exports(tmp_path: Pat
     assert any(not torch.equal(before[k], ema[k]) for k in trained)
 
 
-@pytest.mark.slow
 def test_fsdp_equals_ddp_and_sharded_checkpoints_resume(tmp_path: Path):
     """3 steps under DDP and under FSDP from the same seeds: the same EMA weights up to the
     order of floating-point sums in the gradient reduction (all-reduce vs reduce-scatter),

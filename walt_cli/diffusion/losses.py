@@ -57,6 +57,7 @@ def diffusion_loss(
     cond_drop: Sequence[str] = ("labels", "text", "frames"),
     lowres: Tensor | None = None,
     generator: torch.Generator | None = None,
+    lockstep: bool = False,
 ) -> LossOutput:
     """v-prediction MSE of `net(x_in, t, cond)` on clean latents z0 (B, c, T, h, w).
 
@@ -64,7 +65,9 @@ def diffusion_loss(
     caller sets `cond.noise_level` to its augmentation level (`inputs.noise_augment`).
     `cond_drop` names the conditions that condition dropout removes (together, with probability
     `p_cond_drop`); guidance at sampling should drop the same ones. `generator` makes every
-    random draw (t, noise, masks, dropout) reproducible.
+    random draw (t, noise, masks, dropout) reproducible. `lockstep`: every rank must run the
+    same forward passes whatever its draws (FSDP, where each forward gathers weights from all
+    ranks), so the self-conditioning pass is never skipped.
     """
     cond = cond if cond is not None else Conditioning()
     b, _, frames = z0.shape[:3]
@@ -88,7 +91,8 @@ def diffusion_loss(
     )
     # No host sync on the step's hot path: dropout goes through `where` (a no-op for samples not
     # dropped), and the self-conditioning pass runs whenever it can be chosen (on the CPU, where
-    # reading the draw costs nothing, it is still skipped when no sample is chosen).
+    # reading the draw costs nothing, it is still skipped when no sample is chosen, unless the
+    # ranks run in lockstep).
     dropped = _bernoulli(p_cond_drop, b, generator, device)
     if p_cond_drop > 0:
         cond = cond.dropped(dropped, labels="labels" in cond_drop, text="text" in cond_drop)
@@ -108,7 +112,7 @@ def diffusion_loss(
 
     chosen = _bernoulli(p_self_cond, b, generator, device)
     self_cond = torch.zeros_like(z0)
-    if p_self_cond > 0 and (device.type != "cpu" or bool(chosen.any())):
+    if p_self_cond > 0 and (lockstep or device.type != "cpu" or bool(chosen.any())):
         with torch.no_grad():
             x0_hat = v_to_x0(z_t, net(inputs(None), t, cond), alpha_bar)
         self_cond = torch.where(chosen.view(-1, 1, 1, 1, 1), x0_hat.detach(), self_cond)

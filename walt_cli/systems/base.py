@@ -203,6 +203,7 @@ class BaseSystem(DiffusionSystem):
             cond,
             self.schedule,
             p_self_cond=self.p_self_cond,
+            lockstep=self.sharded,
             p_frame_pred=self.p_frame_pred,
             num_cond_frames=self.num_cond_frames,
             p_cond_drop=self.p_cond_drop,

@@ -486,6 +486,18 @@ class DiffusionSystem(L.LightningModule):
             labels=labels, text=text, text_mask=text_mask, is_image=batch["is_image"]
         )
 
+    def configure_model(self) -> None:
+        """Under FSDP: the transformer and its EMA copy become FSDP roots (systems/parallel.py
+        says why the LightningModule is not the root)."""
+        if not self.sharded:
+            return
+        from walt_cli.systems.parallel import wrap_fsdp
+
+        strategy = self.trainer.strategy
+        self.net = wrap_fsdp(self.net, strategy)
+        if self.ema is not None:
+            self.ema.module = wrap_fsdp(self.ema.module, strategy)
+
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
         if self.optimizer_name == "adafactor":  # without parameter scaling (systems/optim.py)
@@ -588,13 +600,17 @@ class DiffusionSystem(L.LightningModule):
         under a 16-mixed loss scaler, whose gradients are still scaled here)."""
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         if self.sharded:
-            # The norm of the whole gradient, from every rank's shard: FSDP's own method on the
-            # root unit (a collective, so every rank calls it on the same steps).
-            if self.grad_clip > 0 or (logging_step and not scaled):
-                root = self.trainer.strategy.model
-                norm = root.clip_grad_norm_(self.grad_clip if self.grad_clip > 0 else math.inf)
-                return norm if logging_step and not scaled else None
-            return None
+            if self.grad_clip <= 0 and not (logging_step and not scaled):
+                return None
+            from walt_cli.systems.parallel import sharded_grad_norm
+
+            params = [p for p in self.net.parameters() if p.grad is not None]
+            if scaled:  # unscale in place first (the scaler's step then skips its own unscale)
+                self.trainer.precision_plugin.scaler.unscale_(opt.optimizer)
+            norm = sharded_grad_norm(params, self.device)  # a collective: every rank calls it
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+            return norm if logging_step and not scaled else None
         grad_norm = None
         if logging_step and not scaled:  # this rank's gradient (DDP: already all-reduced)
             grad_norm = torch.nn.utils.get_total_norm(

@@ -144,24 +144,32 @@ def is_sharded(strategy) -> bool:
 # (`fully_shard` under Lightning's `ModelParallelStrategy`): `trainer.strategy: fsdp` is the name
 # Lightning registers for this strategy, so the recipe key means what Lightning's docs say; it
 # runs on CPU with gloo (the tests) as on GPUs with NCCL; and Lightning 2.6 marks
-# `ModelParallelStrategy` experimental and leaves mixed precision and the wrapping of every
-# module to a `configure_model` hook. With `use_orig_params=True` every parameter outside
-# forward/backward is a view of this rank's piece of its unit's flat shard. The network and its
-# EMA copy are two units of identical structure wrapped by the same policy, so their flat layouts
-# and their per-rank pieces coincide element for element: the EMA update (a lerp over
+# `ModelParallelStrategy` experimental.
+#
+# Which modules are FSDP roots. Lightning wraps the whole LightningModule in one root unit unless
+# `configure_model` wrapped something already. walt's diffusion step optimises by hand, so its
+# backward runs inside the training step; were the LightningModule the root, that backward would
+# run inside the root's forward, before the root's output exists, and FSDP's end-of-backward
+# callback (queued by the root's output) would never run: the units stay in their post-backward
+# state and the checkpoint that follows fails. So `DiffusionSystem.configure_model` makes the
+# trained transformer a root of its own (one unit per block inside it) and its EMA copy another;
+# the training step's loss comes out of the transformer's forward, as FSDP expects.
+#
+# With `use_orig_params=True` every parameter outside forward/backward is a view of this rank's
+# piece of its unit's flat shard. The network and its EMA copy are wrapped alike, so their flat
+# layouts and their per-rank pieces coincide element for element: the EMA update (a lerp over
 # `zip(ema.parameters(), net.parameters())`) runs on the local shards, with no communication and
 # no full copy of the weights on any rank, and equals the unsharded update.
 
 
 def fsdp_strategy(t, section):
-    """Lightning's FSDPStrategy for a diffusion stage: one FSDP unit per transformer block and
-    one per network (the trained net and its EMA copy, so the EMA can be sampled and exported
-    by itself), activation checkpointing per block where `section.gradient_checkpointing`, and
-    `trainer.fsdp_checkpoint` (full | sharded) checkpoints."""
+    """Lightning's FSDPStrategy for a diffusion stage: activation checkpointing per block where
+    `section.gradient_checkpointing`, `trainer.fsdp_checkpoint` (full | sharded) checkpoints,
+    float32 gradient reduction under mixed precision. The units are made by `wrap_fsdp`."""
     import torch
     from torch.distributed.fsdp import MixedPrecision
 
-    from walt_cli.models.transformer import WALT, WALTBlock
+    from walt_cli.models.transformer import WALTBlock
 
     mixed = None
     low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(t.precision))
@@ -170,11 +178,27 @@ def fsdp_strategy(t, section):
         # and sums gradients in half precision; walt keeps both in float32, as DDP does.
         mixed = MixedPrecision(param_dtype=low, reduce_dtype=torch.float32, buffer_dtype=None)
     return CrashSafeFSDP(
-        auto_wrap_policy={WALTBlock, WALT},
         activation_checkpointing_policy={WALTBlock} if section.gradient_checkpointing else None,
         state_dict_type=t.fsdp_checkpoint,
         mixed_precision=mixed,
         use_orig_params=True,
+    )
+
+
+def wrap_fsdp(module, strategy):
+    """`module` (a WALT) as an FSDP root with one unit per transformer block, under the settings
+    of Lightning's FSDP strategy (call inside `configure_model`, where Lightning opens its
+    wrapping context). The device is given as a `torch.device`: Lightning passes the root
+    device's index, None on the CPU, and FSDP then looks for an accelerator and refuses to run."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
+
+    from walt_cli.models.transformer import WALTBlock
+
+    if isinstance(module, FullyShardedDataParallel):  # configure_model may run more than once
+        return module
+    return wrap(
+        module, auto_wrap_policy=ModuleWrapPolicy({WALTBlock}), device_id=strategy.root_device
     )
 
 
@@ -222,7 +246,67 @@ class CrashSafeFSDP(_strategy_base()):
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_file():
             torch_load(path)  # weights_only, one-line errors (see the class docstring)
-        return super().load_checkpoint(path, weights_only=True)
+        with self._full_state_dicts_in_place():
+            return super().load_checkpoint(path, weights_only=True)
+
+    def lightning_module_state_dict(self):
+        with self._full_state_dicts_in_place():
+            return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer):
+        with self._full_state_dicts_in_place():
+            return super().optimizer_state(optimizer)
+
+    @contextlib.contextmanager
+    def _full_state_dicts_in_place(self):
+        """On the CPU, Lightning's full state dicts without `offload_to_cpu`. Lightning always
+        asks FSDP to offload them to the CPU; on a CPU device FSDP's offload "moves" the gathered
+        weights where they already are and then frees their storage, which the weights still
+        view (torch.distributed.fsdp._flat_param `to_cpu`): the copy that follows reads freed
+        memory and the process dies (SIGSEGV). Lightning builds the context in one module-level
+        function, swapped here for the duration of the call (each rank is one thread)."""
+        if self.root_device.type != "cpu":
+            yield
+            return
+        import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+        original = lightning_fsdp._get_full_state_dict_context
+        lightning_fsdp._get_full_state_dict_context = _full_state_dict_context_in_place
+        try:
+            yield
+        finally:
+            lightning_fsdp._get_full_state_dict_context = original
+
+
+def _full_state_dict_context_in_place(module, world_size: int, rank0_only: bool = True):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    del world_size  # the signature of Lightning's function
+    return FSDP.state_dict_type(
+        module=module,
+        state_dict_type=StateDictType.FULL_STATE_DICT,
+        state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        optim_state_dict_config=FullOptimStateDictConfig(
+            offload_to_cpu=False, rank0_only=rank0_only
+        ),
+    )
+
+
+def sharded_grad_norm(params, device):
+    """The 2-norm of the whole gradient when each rank holds a shard of it (FSDP with
+    `use_orig_params`: `p.grad` is this rank's piece of `p`'s gradient, or None when `p` lies
+    on other ranks): the local sums of squares, all-reduced. Not
+    `FullyShardedDataParallel.clip_grad_norm_`, which handles one root unit only (walt's EMA is
+    a second root) and asserts that its root is idle."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+    squares = local.to(device=device, dtype=torch.float32).square()
+    dist.all_reduce(squares)
+    return squares.sqrt()
 
 
 def full_state_dict(module, trainer=None) -> dict | None:
@@ -232,7 +316,9 @@ def full_state_dict(module, trainer=None) -> dict | None:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # No offload from a CPU device (see `CrashSafeFSDP._full_state_dicts_in_place`).
+    on_cpu = trainer.strategy.root_device.type == "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu)
     state = get_model_state_dict(module, options=options)
     return state if trainer.is_global_zero else None
 

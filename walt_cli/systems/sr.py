@@ -105,6 +105,7 @@ class SRSystem(DiffusionSystem):
             cond,
             self.schedule,
             p_self_cond=self.p_self_cond,
+            lockstep=self.sharded,
             p_cond_drop=self.p_cond_drop,
             cond_drop=("labels", "text"),  # guidance drops the caption, never the low-res input
             lowres=z_lr,
