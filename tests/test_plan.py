@@ -17,22 +17,13 @@ from walt_cli.plan import GPUS, find_gpu, make_plan, simulate, stage_model
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 
-# stage:batch:checkpointing. Batches large enough that the step's memory (tens to hundreds of
-# MiB) stands well above what a process's resident set moves by on its own.
-CASES = [
-    "tokenizer:2:0",
-    "tokenizer:4:0",
-    "base:32:0",
-    "base:96:0",
-    "base:96:1",
-    "sr1:16:0",
-    "sr1:48:0",
-    "sr1:48:1",
-]
+# stage:batch:checkpointing. Batches large enough that the step's memory (40 to 210 MiB)
+# stands well above what a process's resident set moves by on its own.
+FAST_CASES = ["tokenizer:2:0", "base:96:0", "base:96:1", "sr1:48:1"]
+ALL_CASES = [*FAST_CASES, "tokenizer:4:0", "base:32:0", "sr1:48:0", "sr1:16:0"]
 
 
-@pytest.fixture(scope="module")
-def measured() -> dict[str, int]:
+def measure(cases: list[str]) -> dict[str, int]:
     """Peak resident-set growth of real CPU training steps, in a fresh process."""
     env = {
         **os.environ,
@@ -41,7 +32,7 @@ def measured() -> dict[str, int]:
         "OMP_NUM_THREADS": "1",
     }
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "plan_measure.py"), str(TINY), *CASES],
+        [sys.executable, str(ROOT / "tests" / "plan_measure.py"), str(TINY), *cases],
         env=env,
         capture_output=True,
         text=True,
@@ -50,20 +41,32 @@ def measured() -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_predicted_peak_memory_within_15_percent_of_measured(measured) -> None:
+def check_memory(cases: list[str]) -> dict[str, int]:
+    measured = measure(cases)
     recipe = load_recipe(TINY)
     models: dict[str, object] = {}
     errors = {}
-    for case in CASES:
+    for case in cases:
         stage, batch, ckpt = case.split(":")
         model = models.setdefault(stage, stage_model(recipe, stage))
         predicted = simulate(model, int(batch), None if stage == "tokenizer" else ckpt == "1")
         errors[case] = (predicted.peak - measured[case]) / measured[case]
     report = {k: f"{v:+.1%} of {measured[k] / 2**20:.0f} MiB" for k, v in errors.items()}
     assert all(abs(e) <= 0.15 for e in errors.values()), report
-    # checkpointing and batch move the measured peak the way the prediction says
-    assert measured["base:96:1"] < measured["base:96:0"]
-    assert measured["sr1:48:0"] > measured["sr1:16:0"]
+    # checkpointing lowers the measured peak, as predicted
+    assert measured["base:96:1"] < 0.5 * measured["base:96:0"]
+    return measured
+
+
+def test_predicted_peak_memory_within_15_percent_of_measured() -> None:
+    check_memory(FAST_CASES)
+
+
+@pytest.mark.slow
+def test_predicted_peak_memory_at_more_batch_sizes() -> None:
+    measured = check_memory(ALL_CASES)
+    assert measured["sr1:48:0"] > measured["sr1:48:1"]
+    assert measured["tokenizer:4:0"] > measured["tokenizer:2:0"]
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "base", "sr1"])
