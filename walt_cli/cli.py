@@ -18,6 +18,7 @@ from walt_cli import __version__
 from walt_cli.commands import data as data_cmds
 from walt_cli.commands import eval as eval_cmds
 from walt_cli.commands import generate as generate_cmds
+from walt_cli.commands import plan as plan_cmds
 from walt_cli.commands import tokenize as tokenize_cmds
 from walt_cli.commands import train as train_cmds
 from walt_cli.errors import WaltError
@@ -73,6 +74,7 @@ app.command("sample", epilog=generate_cmds.DEFAULT_MODEL_EPILOG)(generate_cmds.s
 app.command("animate", epilog=generate_cmds.DEFAULT_MODEL_EPILOG)(generate_cmds.animate)
 app.command("export")(generate_cmds.export)
 app.command("eval-fvd")(eval_cmds.eval_fvd)
+app.command("plan")(plan_cmds.plan)
 
 
 def main() -> None:

@@ -721,6 +721,7 @@ def run_stage(
     main_process = rank_zero_only.rank == 0  # DDP launches one process per device: one table
     if console is not None and main_process:
         rows = denoiser_rows(recipe, section, system.net, trainer, **table)
+        rows += _plan_rows(recipe, system.section, trainer)
         console.print(startup_table(title, rows))
     fit(trainer, system, train_loader, resume=resume)
     return {
@@ -734,6 +735,15 @@ def run_stage(
         "main_process": main_process,
         "parameters": parameters,
     }
+
+
+def _plan_rows(recipe, section: str, trainer) -> list[tuple[str, Any]]:
+    """`walt plan`'s memory and FLOPs rows for a stage (`section`: tokenizer, base or sr[i])."""
+    from walt_cli.plan import startup_rows
+
+    stage = f"sr{int(section[3:-1]) + 1}" if section.startswith("sr[") else section
+    fsdp = is_sharded(trainer.strategy)
+    return startup_rows(recipe, stage, trainer.world_size, "fsdp" if fsdp else "ddp")
 
 
 def denoiser_rows(

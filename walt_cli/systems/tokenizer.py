@@ -379,6 +379,7 @@ def train_tokenizer(
     optimizers, schedulers, step counter and guard state).
     """
     from walt_cli.config import save_recipe
+    from walt_cli.plan import startup_rows
     from walt_cli.systems.common import (
         StepCheckpoint,
         build_trainer,
@@ -444,6 +445,7 @@ def train_tokenizer(
                         f"{recipe.trainer.accelerator}: {recipe.trainer.devices} x {recipe.trainer.num_nodes} node(s), {recipe.trainer.strategy}",
                     ),
                     ("output", str(stage_dir)),
+                    *startup_rows(recipe, "tokenizer"),
                 ],
             )
         )
