@@ -23,7 +23,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", nargs="+", default=["H100", "RTX 4090"])
-    ap.add_argument("--recipes", nargs="+", default=sorted(map(str, Path("recipes").glob("*.yaml"))))
+    ap.add_argument(
+        "--recipes", nargs="+", default=sorted(map(str, Path("recipes").glob("*.yaml")))
+    )
     args = ap.parse_args()
     cards = [find_gpu(g) for g in args.gpus]
     head = "| recipe | stage | model | batch | peak GiB | per sample GiB | TFLOP / sample |"
@@ -44,7 +46,8 @@ def main() -> None:
                 cap = card.memory_gib * GIB
                 half = model.precision.split("-")[0] in ("bf16", "16")
                 tflops = (card.half_tflops if half else card.fp32_tflops) * 0.4
-                step = model.flops_per_sample * model.batch / (tflops * 1e12)
+                samples = model.batch * (model.accumulate or 1)  # per optimizer step
+                step = model.flops_per_sample * samples / (tflops * 1e12)
                 if mem.peak <= cap:
                     cells.append(f"fits, {step:.2g} s/step")
                 else:

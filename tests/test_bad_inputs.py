@@ -29,6 +29,7 @@ RECIPE_KEYS = [
     ("base.lr=-1", "base.lr"),
     ("base.weight_decay=-1", "base.weight_decay"),
     ("base.grad_clip=-1", "base.grad_clip"),
+    ("base.accumulate_grad_batches=0", "base.accumulate_grad_batches"),
     ("tokenizer.grad_clip=-0.5", "tokenizer.grad_clip"),
     ("base.betas=[0.9,1.5]", "base.betas"),
     ("tokenizer.betas=[-0.1,0.9]", "tokenizer.betas"),

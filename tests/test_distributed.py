@@ -86,13 +86,16 @@ def test_base_ddp_on_image_packs_only_with_per_rank_timesteps(tmp_path: Path, im
     assert t0 and t1 and t0[0] != t1[0]  # each rank draws its own timesteps
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, accumulate: int):
     """8 steps straight vs 4 steps, stop, rerun to 8 (3 batches an epoch: the stop falls inside
     the second epoch): the same weights, EMA and AdamW moments, bit for bit on CPU, and
-    metrics.csv holds each step once."""
+    metrics.csv holds each step once. With gradient accumulation a step is `accumulate`
+    micro-batches (its metrics count all of their clips)."""
     import lightning as L
 
-    common = ["base.max_steps=8", "base.preview_every=0", "trainer.checkpoint_every=3"]
+    common = ["base.max_steps=8", "base.preview_every=0", "trainer.checkpoint_every=3",
+              f"base.accumulate_grad_batches={accumulate}"]  # fmt: skip
     a = encoded(tmp_path / "a", *common)
     latents = f"base.latents={Path(a.run_dir) / 'latents'}"
     finals: dict[str, dict] = {}
@@ -127,3 +130,6 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path: Path):
         assert torch.equal(straight[k], resumed[k]), k
     rows = read_metrics(Path(second["metrics"]))
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 9)]
+    batch = a.base.batch_size or a.data.batch_size
+    clips = {float(r["train/video_clips"]) + float(r["train/image_packs"]) for r in rows}
+    assert clips == {float(batch * accumulate)}

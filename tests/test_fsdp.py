@@ -73,16 +73,18 @@ def test_base_fsdp_trains_previews_checkpoints_resumes_and_exports(tmp_path: Pat
 
 
 def test_fsdp_equals_ddp_and_sharded_checkpoints_resume(tmp_path: Path):
-    """3 steps under DDP and under FSDP from the same seeds: the same EMA weights up to the
+    """3 steps of 2 accumulated micro-batches under DDP (gradients all-reduced on the second
+    only) and under FSDP (reduce-scattered after each) from the same seeds: the same EMA
+    weights up to the
     order of floating-point sums in the gradient reduction (all-reduce vs reduce-scatter),
     which AdamW's first steps (update ~ lr * sign(grad)) can amplify to ~lr on elements whose
     gradient is near zero: a mean absolute difference far below the lr (1e-3) and a maximum
     within a few lr. The FSDP run checkpoints sharded (a last.ckpt/ folder) and resumes."""
     encoded(tmp_path, *COMMON)
-    latents = f"base.latents={tmp_path / 'run' / 'latents'}"
+    source = [f"base.latents={tmp_path / 'run' / 'latents'}", "base.accumulate_grad_batches=2"]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    train(ddp, *RANKS, "trainer.strategy=ddp", *COMMON, latents, "base.max_steps=3")
-    sharded = [*FSDP, *COMMON, latents, "trainer.fsdp_checkpoint=sharded"]
+    train(ddp, *RANKS, "trainer.strategy=ddp", *COMMON, *source, "base.max_steps=3")
+    sharded = [*FSDP, *COMMON, *source, "trainer.fsdp_checkpoint=sharded"]
     train(fsdp, *sharded, "base.max_steps=2")
     folder = fsdp / "run" / "base" / "last.ckpt"
     assert folder.is_dir() and (folder / "meta.pt").is_file()

@@ -111,9 +111,11 @@ def test_suggestion_is_the_smallest_change_that_fits() -> None:
     plan = make_plan(recipe, "base", memory_gib=tight)
     assert plan.suggestion.startswith("base.gradient_checkpointing=true base.batch_size=")
     fixed = int(plan.suggestion.split("base.batch_size=")[1].split()[0])
-    assert 1 <= fixed < 64
-    again = load_recipe(TINY, ["base.gradient_checkpointing=true", f"base.batch_size={fixed}"])
+    micro = int(plan.suggestion.split("base.accumulate_grad_batches=")[1].split()[0])
+    assert 1 <= fixed < 64 and fixed * micro == 64  # gradient accumulation keeps the batch
+    again = load_recipe(TINY, plan.suggestion.split("  (")[0].split())
     assert make_plan(again, "base", memory_gib=tight).fits is True
+    assert again.base.accumulate_grad_batches == micro
 
 
 def test_gpu_table_and_step_time() -> None:

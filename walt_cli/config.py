@@ -140,6 +140,8 @@ class DenoiserConfig:
     cross_attention: str = "spatial"  # text cross-attention in the spatial layers or in all layers
     gradient_checkpointing: bool = False
     batch_size: int | None = None  # per device (default: data.batch_size)
+    # micro-batches of batch_size per optimizer step: global batch = batch_size x devices x this
+    accumulate_grad_batches: int = 1
     latents: str | None = None  # latent folder (default: the stage's folder under runs/<name>/)
     max_steps: int = 100_000
     optimizer: str = "adamw"  # adamw | adafactor
@@ -604,6 +606,11 @@ def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
         )
     check(b.num_classes >= 0, "num_classes", "must be >= 0")
     check(b.batch_size is None or b.batch_size >= 1, "batch_size", "must be >= 1")
+    check(
+        b.accumulate_grad_batches >= 1,
+        "accumulate_grad_batches",
+        f"must be >= 1, got {b.accumulate_grad_batches}",
+    )
     check(b.text_dim is None or b.text_dim >= 1, "text_dim", "must be >= 1 (or null)")
     check(
         b.cross_attention in ("spatial", "all"),

@@ -213,6 +213,9 @@ class StageModel:
     # activations and transients extrapolate linearly in depth (every pair of layers, SW + STW,
     # adds the same), so a 52-layer model costs what a 4-layer one does to plan.
     reduced: tuple | None = None
+    # micro-batches per optimizer step (the denoisers' `accumulate_grad_batches`; None: the
+    # stage has no gradient accumulation, as the tokenizer's two-optimizer GAN step)
+    accumulate: int | None = None
 
 
 def parse_stage(recipe, stage: str | None) -> str:
@@ -335,6 +338,7 @@ def _denoiser(recipe, stage: str, depth: int | None = None) -> StageModel:
         checkpointing=bool(section.gradient_checkpointing),
         describe=describe,
         block_bytes=block,
+        accumulate=section.accumulate_grad_batches,
         grid=(c, frames, h, w),
         nets=[net],
         make_step=make_step,
@@ -725,6 +729,7 @@ class Plan:
     parameters: int  # trained (the tokenizer's with its discriminator)
     batch: int
     batch_key: str
+    accumulate: int  # micro-batches per optimizer step
     devices: int
     strategy: str
     precision: str
@@ -815,8 +820,9 @@ def make_plan(
             notes.append(f"{card.name} has no bf16 tensor cores: use trainer.precision=16-mixed")
         peak = (card.half_tflops if half else card.fp32_tflops) * 1e12
         used_mfu = mfu
-        step_s = model.flops_per_sample * model.batch / (peak * mfu)
-        sps = model.batch * n / step_s
+        micro = model.accumulate or 1
+        step_s = model.flops_per_sample * model.batch * micro / (peak * mfu)
+        sps = model.batch * micro * n / step_s
     fits = None if capacity is None else chosen.peak <= capacity * GIB
     suggestion = None
     if fits is False and suggest:
@@ -829,6 +835,7 @@ def make_plan(
         parameters=params,
         batch=model.batch,
         batch_key=model.batch_key,
+        accumulate=model.accumulate or 1,
         devices=n,
         strategy=strat,
         precision=model.precision,
@@ -851,9 +858,10 @@ def make_plan(
 
 def suggest_fix(model: StageModel, capacity: int, devices: int, strategy: str) -> str:
     """The smallest change that fits, as `key=value` overrides: activation checkpointing first
-    (same batch, ~1/3 more compute), then FSDP (at several devices), then the largest
-    per-device batch that fits (fewer samples per step: walt has no gradient accumulation, so
-    the global batch shrinks unless devices are added; the line says so)."""
+    (same batch, ~1/3 more compute), then FSDP (at several devices), then a per-device batch
+    that fits with gradient accumulation keeping the global batch (the largest divisor of the
+    samples per step that fits). The tokenizer has no gradient accumulation: its line shrinks
+    the global batch and says by how much."""
     tried = []
     ckpt_key = f"{model.key}.gradient_checkpointing"
 
@@ -884,9 +892,22 @@ def suggest_fix(model: StageModel, capacity: int, devices: int, strategy: str) -
     lo = max(lo, 0)
     if lo == 0:
         return "none: even batch 1 does not fit" + (f" with {' '.join(tried)}" if tried else "")
+    if model.accumulate is not None:
+        total = model.batch * model.accumulate  # samples per device per optimizer step
+        micro = max(d for d in range(1, lo + 1) if total % d == 0)
+        return (
+            " ".join(
+                [
+                    *tried,
+                    f"{model.batch_key}={micro}",
+                    f"{model.key}.accumulate_grad_batches={total // micro}",
+                ]
+            )
+            + f"  (global batch kept: {micro} x {total // micro} micro-batches per device)"
+        )
     factor = model.batch / lo
     return " ".join([*tried, f"{model.batch_key}={lo}"]) + (
-        f"  (global batch x{1 / factor:.2f}: walt has no gradient accumulation; "
+        f"  (global batch x{1 / factor:.2f}: the tokenizer has no gradient accumulation; "
         f"{math.ceil(factor)}x the devices keep it)"
     )
 
@@ -922,7 +943,9 @@ def render(p: Plan):
         ("model", f"{p.model}; {human_count(p.parameters)} trained parameters"),
         (
             "run",
-            f"batch {p.batch} per device ({p.batch_key}) x {p.devices} device(s), {p.strategy}, "
+            f"batch {p.batch} per device ({p.batch_key})"
+            + (f" x {p.accumulate} accumulated" if p.accumulate > 1 else "")
+            + f" x {p.devices} device(s), {p.strategy}, "
             f"{p.precision}"
             + (
                 ""

@@ -3,6 +3,7 @@ the non-finite-loss guard and the start-up table."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -403,6 +404,7 @@ class DiffusionSystem(L.LightningModule):
         ema: bool = True,
         ema_decay: float = 0.9999,
         grad_clip: float = 1.0,
+        accumulate_grad_batches: int = 1,
         p_self_cond: float = 0.9,
         p_cond_drop: float = 0.0,
         nan_patience: int = 10,
@@ -435,6 +437,9 @@ class DiffusionSystem(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.betas, self.weight_decay = (float(betas[0]), float(betas[1])), weight_decay
         self.grad_clip = grad_clip
+        self.accumulate = int(accumulate_grad_batches)
+        self._micro = 0  # micro-batches of the current step done so far
+        self._summed: dict[str, Any] = {}  # their loss and counts (the step's metrics)
         self.p_self_cond, self.p_cond_drop = p_self_cond, p_cond_drop
         self.log_every = log_every
         self.preview_every, self.preview_steps = preview_every, preview_steps
@@ -538,19 +543,38 @@ class DiffusionSystem(L.LightningModule):
             return None
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        out, extra = self.compute_loss(batch)
-        # Every rank skips together, or DDP would wait on a gradient that never comes.
-        finite = self.trainer.strategy.reduce_boolean_decision(
-            bool(torch.isfinite(out.loss)), all=True
-        )
+        k = self.accumulate
+        if self._micro == 0:
+            opt.zero_grad(set_to_none=True)
+            self._summed = {}
+        last = self._micro == k - 1
+        # Gradient accumulation: k micro-batches, one optimizer step. Under DDP the gradients
+        # are all-reduced on the last micro-batch only (Lightning's `toggle_model` blocks the
+        # sync on the others); FSDP reduce-scatters each one, so only shards are kept between.
+        with opt.toggle_model(sync_grad=last) if k > 1 else contextlib.nullcontext():
+            out, extra = self.compute_loss(batch)
+            # Every rank skips together, or DDP would wait on a gradient that never comes.
+            finite = self.trainer.strategy.reduce_boolean_decision(
+                bool(torch.isfinite(out.loss)), all=True
+            )
+            if finite:
+                self.manual_backward(out.loss / k if k > 1 else out.loss)
         if not self.guard.check(finite, step=step):
             log.warning(
                 "step %d: non-finite loss, step skipped (%d in a row)", step, self.guard.in_a_row
             )
+            self._micro = 0  # the step's micro-batches so far are dropped with it
             self._write_metrics({"train/skipped": float(self.guard.skipped)}, step)
             return None
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(out.loss)
+        for key, value in {"train/loss": out.loss.detach() / k, **extra}.items():
+            self._summed[key] = self._summed.get(key, 0.0) + value
+        self._summed["train/cond_dropped"] = self._summed.get("train/cond_dropped", 0.0) + float(
+            out.dropped.sum()
+        )
+        if not last:
+            self._micro += 1
+            return None
+        self._micro = 0
         step += 1
         logging_step = step % self.log_every == 0 or step == 1 or step >= self.max_steps
         grad_norm = self._clip_gradients(opt, logging_step)
@@ -562,15 +586,15 @@ class DiffusionSystem(L.LightningModule):
         if step >= self.max_steps:
             self.trainer.should_stop = True
 
-        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+        summed = self._summed  # the step's loss (mean over its micro-batches) and counts (sums)
+        self.log("loss", summed["train/loss"], prog_bar=True, logger=False)
         self.log("step", float(step), prog_bar=True, logger=False)
         if logging_step:
             metrics = {
-                "train/loss": float(out.loss.detach()),
+                "train/loss": float(summed["train/loss"]),
                 "train/lr": sched.get_last_lr()[0],
                 "train/skipped": float(self.guard.skipped),
-                **extra,
-                "train/cond_dropped": float(out.dropped.sum()),
+                **{key: float(v) for key, v in summed.items() if key != "train/loss"},
             }
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
@@ -802,13 +826,19 @@ def denoiser_rows(
             + (f"EMA {b.ema_decay}" if b.ema else "no EMA"),
         ),
         ("steps", f"{b.max_steps}" + (f" (resuming from {resume})" if resume else "")),
-        ("batch", f"{batch} per device x {world} = {batch * world}"),
+        ("batch", batch_row(batch, world, b.accumulate_grad_batches)),
         ("precision", str(t.precision)),
         ("devices", f"{t.accelerator}: {t.devices} x {t.num_nodes} node(s), {strategy_row(t, b)}"),
         ("SDPA", sdpa),
         ("previews", previews),
         ("output", str(output)),
     ]
+
+
+def batch_row(batch: int, world: int, accumulate: int) -> str:
+    if accumulate == 1:
+        return f"{batch} per device x {world} = {batch * world}"
+    return f"{batch} per device x {world} x {accumulate} accumulated = {batch * world * accumulate}"
 
 
 def strategy_row(t, section) -> str:
