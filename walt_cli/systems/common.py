@@ -191,12 +191,15 @@ class StepCheckpoint(Callback):
         step = int(module.step)
         if step == self.saved_step:
             return
+        # metrics.csv first: once the checkpoint of a step is on disk, so is every row up to it
+        # (flushed after the checkpoint, a kill in between lost the rows since the last flush;
+        # rows of steps past the checkpoint are dropped on resume, `truncate_after`).
+        if hasattr(trainer.logger, "flush"):
+            trainer.logger.flush()
         trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = step
         if self._exports(trainer):
             self.on_save(module)
-        if hasattr(trainer.logger, "flush"):
-            trainer.logger.flush()  # metrics.csv covers every step the checkpoint holds
 
     def on_train_start(self, trainer, module) -> None:
         self.saved_step = int(module.step)  # a restored state is already on disk
