@@ -175,3 +175,16 @@ def test_stage_the_recipe_lacks(tmp_path: Path) -> None:
     recipe.write_text(TINY.read_text().split("\nsr:")[0] + "\n")
     out = _walt("plan", str(recipe), "--stage", "sr1")
     assert out.returncode == 2 and "no SR stages" in out.stderr + out.stdout
+
+
+def test_mixed_precision_with_checkpointing() -> None:
+    """bf16-mixed with activation checkpointing: the recompute casts as the forward did (it
+    raised a CheckpointError on every shipped recipe that combines them), and checkpointing
+    lowers the predicted peak."""
+    recipe = load_recipe(TINY, ["trainer.precision=bf16-mixed"])
+    model = stage_model(recipe, "base")
+    on = simulate(model, 8, checkpointing=True).peak
+    off = simulate(model, 8, checkpointing=False).peak
+    assert 0 < on < off
+    full = simulate(stage_model(load_recipe(TINY), "base"), 8, checkpointing=False).peak
+    assert off < full  # half-precision activations

@@ -23,6 +23,7 @@ FLOPs per sample are analytic (`denoiser_flops`, `tokenizer_flops`, tested again
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -526,7 +527,8 @@ def _dynamic(model: StageModel, batch: int, checkpointing: bool | None) -> tuple
         for phase in phases:
             saved.clear()
             autocast = AutocastEmulation(dtype) if mixed else _null()
-            with saved_tensors_hooks(pack, lambda t: t), autocast:
+            recompute = _recompute_under(dtype if mixed else None)
+            with saved_tensors_hooks(pack, lambda t: t), autocast, recompute:
                 loss, group = phase()
             most = max(most, sum(saved.values()))
             for p in group:
@@ -540,6 +542,32 @@ def _dynamic(model: StageModel, batch: int, checkpointing: bool | None) -> tuple
         for net in nets:
             net.gradient_checkpointing = bool(model.checkpointing)
     return dynamic, most
+
+
+@contextlib.contextmanager
+def _recompute_under(dtype):
+    """Activation checkpointing's recompute under the AutocastEmulation of `dtype` (None: no
+    emulation): checkpoint restores torch.autocast's state for the recompute, but the backward
+    runs without the forward's function modes, so the recompute would save fp32 where the
+    forward saved half-precision tensors (and checkpoint refuses the mismatch). While this is
+    open, the transformer's `checkpoint` gets a `context_fn` that enters the emulation around
+    each recompute."""
+    if dtype is None:
+        yield
+        return
+    from walt_cli.models import transformer
+
+    original = transformer.checkpoint
+
+    def emulated(fn, *args, **kwargs):
+        contexts = lambda: (_null(), AutocastEmulation(dtype))  # noqa: E731
+        return original(fn, *args, context_fn=contexts, **kwargs)
+
+    transformer.checkpoint = emulated
+    try:
+        yield
+    finally:
+        transformer.checkpoint = original
 
 
 class _null:
