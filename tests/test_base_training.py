@@ -287,6 +287,8 @@ def test_cli_train_base_then_rerun_resumes(cli, tmp_path: Path):
         "SW 1x4x4, STW 3x2x2",
         "SDPA",
         "base.safetensors",
+        "memory plan",  # walt plan's prediction for this run
+        "(ddp x1, predicted)",
     ):
         assert text in result.output, text
     result = cli(*args[:-2], "base.max_steps=3", "--no-progress")
