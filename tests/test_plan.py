@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bad_inputs import assert_one_line_error
 
 from walt_cli.config import load_recipe
 from walt_cli.plan import GPUS, find_gpu, make_plan, simulate, stage_model
@@ -165,28 +166,11 @@ def test_command_table_json_and_ci_verdict(tmp_path: Path) -> None:
         (["--memory", "-1"], "--memory"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
-    out = _walt("plan", str(TINY), *args)
-    assert out.returncode == 2
-    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], lines
+def test_bad_input_is_one_line_exit_2(cli, args: list[str], needle: str) -> None:
+    assert_one_line_error(cli("plan", TINY, *args), needle)
 
 
-def test_stage_the_recipe_lacks(tmp_path: Path) -> None:
+def test_stage_the_recipe_lacks(cli, tmp_path: Path) -> None:
     recipe = tmp_path / "nosr.yaml"
     recipe.write_text(TINY.read_text().split("\nsr:")[0] + "\n")
-    out = _walt("plan", str(recipe), "--stage", "sr1")
-    assert out.returncode == 2 and "no SR stages" in out.stderr + out.stdout
-
-
-def test_mixed_precision_with_checkpointing() -> None:
-    """bf16-mixed with activation checkpointing: the recompute casts as the forward did (it
-    raised a CheckpointError on every shipped recipe that combines them), and checkpointing
-    lowers the predicted peak."""
-    recipe = load_recipe(TINY, ["trainer.precision=bf16-mixed"])
-    model = stage_model(recipe, "base")
-    on = simulate(model, 8, checkpointing=True).peak
-    off = simulate(model, 8, checkpointing=False).peak
-    assert 0 < on < off
-    full = simulate(stage_model(load_recipe(TINY), "base"), 8, checkpointing=False).peak
-    assert off < full  # half-precision activations
+    assert_one_line_error(cli("plan", recipe, "--stage", "sr1"), "no SR stages")
