@@ -571,9 +571,9 @@ class DiffusionSystem(L.LightningModule):
             return None
         for key, value in {"train/loss": out.loss.detach() / k, **extra}.items():
             self._summed[key] = self._summed.get(key, 0.0) + value
-        self._summed["train/cond_dropped"] = self._summed.get("train/cond_dropped", 0.0) + float(
-            out.dropped.sum()
-        )
+        # A tensor until a logging step reads it (no host sync here).
+        dropped = out.dropped.sum()
+        self._summed["train/cond_dropped"] = self._summed.get("train/cond_dropped", 0.0) + dropped
         if not last:
             self._micro += 1
             return None
