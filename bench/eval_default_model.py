@@ -141,6 +141,8 @@ def _section_command(args, keep: str) -> str:
     cmd += sizes[keep]
     if keep in ("fvd", "adherence", "animate"):
         cmd += _overrides(args) + ["--seed", args.seed]
+    if keep == "fvd" and args.devices > 1:
+        cmd += ["--devices", args.devices]
     if keep == "fvd":
         cmd += ["--skip-floor"] * args.skip_floor + ["--skip-untrained"] * args.skip_untrained
     cmd += [f"--skip-{s}" for s in SECTIONS if s != keep]
@@ -418,6 +420,8 @@ def _fvd_command(args, real: Path, *, model: str | None, fake: Path, result: Pat
     if model is not None:
         cmd += ["--model", model, "--task", "text", "-n", args.num, "--seed", args.seed]
         cmd += ["--sample-batch-size", args.batch] + _overrides(args)
+        if args.devices > 1:
+            cmd += ["--devices", args.devices]
     return cmd + ["--device", args.device, "--json", result]
 
 
@@ -753,6 +757,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     ap.add_argument("--batch", type=int, default=8, help="samples / clips per batch")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (sampling and the detector)")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="FVD samples: processes (CPU) or GPUs to sample on (`walt eval-fvd --devices`); "
+        "on a CPU give each one thread (OMP_NUM_THREADS=1)",
+    )
     for s in SECTIONS:
         ap.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} section")
     ap.add_argument("--skip-floor", action="store_true", help="FVD: skip the real-vs-real floor")

@@ -4,6 +4,7 @@ the caption asks for? Prints a markdown table (walt_cli/metrics/adherence.py is 
     python bench/probe_text_adherence.py --real --size 128 --num 200     # the probe on real clips
     python bench/probe_text_adherence.py --model default --num 200       # a model, beside real clips
     python bench/probe_text_adherence.py --real --size 128 --blur 2      # the probe on blurred clips
+    python bench/probe_text_adherence.py --model default --through tokenizer,sr1 --num 200
 
 The captions are the first N items of the recipe's "heldout" split (`data.shapes.holdout`
 forced on): one object each, whose (colour, shape, direction) is one of the 40 triples that a
@@ -14,12 +15,19 @@ model can be read at. `--model BUNDLE` generates one sample per caption (seed `-
 through `walt_cli.pipelines.Pipeline` and scores it, then scores the real clips at the
 resolution and length the model produced, for the row beside it. `--blur` and `--noise`
 damage the real clips first: how far the probe's reading holds on imperfect pixels.
+
+`--through tokenizer,sr1,...` scores real clips passed through one part of the model instead of
+sampling it: `tokenizer` encodes and decodes them at the model's resolution (what the decoder can
+show at best); `srN` downsamples them to the input resolution of SR stage N (as `walt tokenize
+encode --sr N` does for training), encodes, super-resolves from there to the model's resolution
+and decodes. Each row is the ceiling that part of the cascade leaves for the samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import platform
 import sys
 import time
@@ -63,9 +71,7 @@ def _generate(args, captions: list[str]):
     import numpy as np
     import torch
 
-    from walt_cli.pipelines import Pipeline  # lazily: --real needs no pipeline
-
-    pipe = Pipeline.from_bundle(args.model)
+    pipe = _pipeline(args.model)
     kwargs = {}
     if args.steps is not None:
         kwargs["steps"] = args.steps
@@ -83,6 +89,56 @@ def _generate(args, captions: list[str]):
         out.append(video)
         print(f"generated {start + len(prompts)}/{len(captions)}", file=sys.stderr)
     return np.concatenate(out)
+
+
+def _through(args, pipe, part: str, ds, captions: list[str]):
+    """uint8 (N, T, H, W, 3): the real clips of `ds` through one part of the model (--through)."""
+    import numpy as np
+    import torch
+
+    from walt_cli.data.video import tensor_to_frames
+    from walt_cli.errors import WaltError
+    from walt_cli.pipelines import Pipeline
+    from walt_cli.systems.encode import downsample
+
+    names = [s.name for s in pipe.stages]
+    if part != "tokenizer" and (part not in names or not pipe.stages[names.index(part)].is_sr):
+        sr = [s.name for s in pipe.stages if s.is_sr]
+        raise WaltError(f"--through {part}: not a part of {args.model} (tokenizer, {sr})")
+    out = []
+    for start in range(0, len(captions), args.batch):
+        idx = range(start, min(start + args.batch, len(captions)))
+        video = torch.stack([ds[i]["video"] for i in idx])  # (B, 3, T, H, W) in [-1, 1]
+        with torch.no_grad():
+            if part == "tokenizer":
+                got = pipe.decode(pipe.encode(video))
+            else:
+                stage = names.index(part)
+                factor = 1
+                for s in pipe.stages[stage:]:
+                    factor *= s.net.lowres_factor
+                z_low = pipe.encode(downsample(video, factor))
+                sub = Pipeline(
+                    pipe.tokenizer,
+                    pipe.stages[stage:],
+                    text_encoder=pipe.text_encoder,
+                    refine_only=True,
+                )
+                kwargs = {"steps": args.steps} if args.steps is not None else {}
+                got = sub.super_resolve(
+                    z_low, seeds=[args.seed + i for i in idx],
+                    prompts=[captions[i] for i in idx], output="float", **kwargs,
+                )  # fmt: skip
+        out.append(np.stack([tensor_to_frames(v) for v in got]))
+        print(f"{part}: {start + len(idx)}/{len(captions)}", file=sys.stderr)
+    return np.concatenate(out)
+
+
+@functools.cache
+def _pipeline(model: str):
+    from walt_cli.pipelines import Pipeline
+
+    return Pipeline.from_bundle(model)
 
 
 def _degrade(video, blur: float, noise: float, seed: int):
@@ -156,7 +212,18 @@ def main() -> None:
     ap.add_argument("--blur", type=float, default=0.0, help="real clips: Gaussian blur sigma, px")
     ap.add_argument("--noise", type=float, default=0.0, help="real clips: noise std, 0..255")
     ap.add_argument("--details", action="store_true", help="also print confusion tables")
+    ap.add_argument(
+        "--through",
+        default="",
+        help="--model: also score real clips through these parts (tokenizer,sr1,...), no sampling",
+    )
+    ap.add_argument("--no-sample", action="store_true", help="--model: only the --through rows")
     args = ap.parse_args()
+    parts = [p for p in args.through.split(",") if p]
+    if parts and args.model is None:
+        ap.error("--through needs --model")
+    if args.no_sample and not parts:
+        ap.error("--no-sample needs --through")
     if args.num < 1:
         ap.error("--num must be >= 1")
 
@@ -169,7 +236,7 @@ def main() -> None:
     header = "| clips | N | T x H x W | " + " | ".join(ATTRIBUTES) + " |"
     rule = "| --- | ---: | --- |" + " ---: |" * len(ATTRIBUTES)
     rows = []
-    if args.model is not None:
+    if args.model is not None and not args.no_sample:
         # The captions do not depend on the clip size (only the paths do).
         scenes = _heldout(args.recipe, args.num, 1, 8, 8)
         captions = [scenes.scene(i).caption for i in range(args.num)]
@@ -182,6 +249,11 @@ def main() -> None:
         )
         name = f"model `{args.model}`" + (f" ({settings})" if settings else "")
         rows.append(_row(name, n, (t, h, w), model_scores))
+    elif args.model is not None:  # --no-sample: real clips at the model's clip size
+        (h, w), t = (
+            _pipeline(args.model).resolution,
+            args.frames or _pipeline(args.model).clip_frames,
+        )
     else:
         t, h, w = args.frames or 17, args.size, args.size
     ds = _heldout(args.recipe, args.num, t, h, w)
@@ -195,6 +267,13 @@ def main() -> None:
     damage = ", ".join(
         f"{k} {v:g}" for k, v in (("blur sigma", args.blur), ("noise std", args.noise)) if v
     )
+    for part in parts:
+        videos_p = _through(args, _pipeline(args.model), part, ds, real_captions)
+        with _one_thread():
+            part_scores = score_batch(videos_p, real_captions)
+        rows.append(_row(f"real clips through `{part}`", args.num, (t, h, w), part_scores))
+        if args.details:
+            print(f"\nreal clips through `{part}`:\n" + _confusion(videos_p, real_captions))
     real_name = "real held-out clips" + (f" ({damage})" if damage else "")
     rows.append(_row(real_name, args.num, (t, h, w), real_scores))
     print(header, rule, *rows, sep="\n")

@@ -144,3 +144,58 @@ def test_bench_model_mode_scores_what_the_pipeline_returns(monkeypatch, capsys):
     assert [(a.colour, a.shape, a.direction) for a in asked] == list(HELD_OUT[:6])
     assert "| model `default` (steps 3, guidance 2,1) | 6 | 5x32x32 | 0.0% | 0.0% | 0.0% |" in out
     assert "| real held-out clips | 6 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in out
+
+
+def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch, capsys):
+    """`--through tokenizer --no-sample` scores the real held-out clips after encode + decode of
+    the model's tokenizer, at the model's clip size, and samples nothing. Here the stand-in's
+    tokenizer keeps the clip (the row equals the real one) or blanks it (the row reads nothing);
+    a part the model does not have is refused."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    from walt_cli.errors import WaltError
+
+    class Stage:
+        name, is_sr = "base", False
+
+    class Standin:
+        resolution, clip_frames, stages = (32, 32), 5, [Stage()]
+        blank = False
+
+        @classmethod
+        def from_bundle(cls, path):
+            return cls()
+
+        def encode(self, video):
+            return video
+
+        def decode(self, z):
+            return torch.full_like(z, -0.9) if self.blank else z
+
+        def generate(self, **kwargs):
+            raise AssertionError("--no-sample draws no sample")
+
+    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=Standin))
+    path = Path(__file__).resolve().parent.parent / "bench" / "probe_text_adherence.py"
+    spec = importlib.util.spec_from_file_location("probe_text_adherence", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["x", "--model", "m", "--num", "4", "--through", "tokenizer", "--no-sample"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out
+    assert "| real clips through `tokenizer` | 4 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in out
+    assert "| real held-out clips | 4 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in out
+    assert "model `m`" not in out
+    Standin.blank = True
+    bench._pipeline.cache_clear()
+    bench.main()
+    assert "| real clips through `tokenizer` | 4 | 5x32x32 | 0.0% | 0.0% | 0.0% |" in (
+        capsys.readouterr().out
+    )
+    monkeypatch.setattr(sys, "argv", [*argv[:-2], "sr1", "--no-sample"])
+    with pytest.raises(WaltError, match="--through sr1: not a part of m"):
+        bench.main()

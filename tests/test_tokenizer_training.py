@@ -295,3 +295,52 @@ def test_ema_decay_ramps_up_then_holds():
         assert float(ema.module.weight[0, 0]) == pytest.approx(expected, rel=1e-5)
     assert (1 + 39) / (10 + 39) < 0.9 < (1 + 81) / (10 + 81)  # the ramp ends between 39 and 81
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# `walt tokenize train --decoder`: the decoder learns on, the encoder (and so every latent) stays
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    from walt_cli.models.checkpoint import load_weights
+
+    return load_weights(path, kind="tokenizer")[1]
+
+
+def test_decoder_finetune_keeps_the_encoder_bit_equal(tmp_path: Path):
+    from walt_cli.pipelines.bundle import _run_tokenizer
+
+    common = ("tokenizer.warmup_steps=1", "tokenizer.lr=1e-3")
+    first = train_tokenizer(tiny(tmp_path, "tokenizer.max_steps=2", *common), progress=False)
+    recipe = tiny(tmp_path, "tokenizer.max_steps=3", *common)
+    tuned = train_tokenizer(recipe, progress=False, decoder=True)
+    assert tuned["step"] == 3 and not tuned["resumed"]
+    assert Path(tuned["weights"]).parent == tmp_path / "run" / "decoder"
+    source, state = _tensors(first["weights"]), _tensors(tuned["weights"])
+    assert source.keys() == state.keys()
+    encoder = [k for k in source if k.startswith("encoder.")]
+    decoder = [k for k in source if k.startswith("decoder.")]
+    assert encoder and decoder
+    for k in encoder:  # bit-equal, the EMA export included: the latents do not move
+        assert torch.equal(source[k], state[k]), k
+    assert any(not torch.equal(source[k], state[k]) for k in decoder)
+    # The run decodes with the fine-tuned decoder; its tokenizer/ is untouched.
+    assert _run_tokenizer(tmp_path / "run", {}) == Path(tuned["weights"])
+    assert torch.equal(_tensors(first["weights"])[decoder[0]], source[decoder[0]])
+    # A rerun resumes the fine-tune, not the tokenizer's own run.
+    again = train_tokenizer(
+        tiny(tmp_path, "tokenizer.max_steps=4", *common), progress=False, decoder=True
+    )
+    assert again["resumed"] and again["step"] == 4
+    # The tokenizer trained on since: the old decoder/ no longer fits its encoder.
+    train_tokenizer(tiny(tmp_path, "tokenizer.max_steps=3", *common), progress=False)
+    with pytest.raises(WaltError, match=r"decoder/tokenizer.safetensors: its encoder is not") as e:
+        _run_tokenizer(tmp_path / "run", {})
+    assert "\n" not in str(e.value)
+
+
+def test_cli_decoder_without_a_trained_tokenizer_is_one_line(cli, tmp_path: Path):
+    result = cli("tokenize", "train", TINY, f"run_dir={tmp_path}/run", "--decoder", "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert "no tokenizer weights" in result.output
+    assert not (tmp_path / "run" / "decoder").exists()  # nothing written before the check

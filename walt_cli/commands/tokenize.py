@@ -182,6 +182,13 @@ def train(
     progress_bar: bool = typer.Option(
         True, "--progress/--no-progress", help="Show the Rich progress bar."
     ),
+    decoder: bool = typer.Option(
+        False,
+        "--decoder",
+        help="Fine-tune the decoder of the run's trained tokenizer with its encoder frozen, into "
+        "runs/<name>/decoder/: the latents and every stage trained on them stay valid, and the "
+        "run's bundle decodes with it. The tokenizer section's keys (max_steps, lr, ...) apply.",
+    ),
     print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Train the causal 3D tokenizer (reconstruction + perceptual + GAN, EMA); rerun to resume.
@@ -197,11 +204,11 @@ def train(
     r = load(recipe, overrides, print_config)
     if r is None:
         return
-    from walt_cli.systems.tokenizer import train_tokenizer
+    from walt_cli.systems.tokenizer import DECODER_STAGE, train_tokenizer
 
     setup_logging()
-    with stage_lock(Path(r.run_dir) / "tokenizer"):
-        summary = train_tokenizer(r, progress=progress_bar, console=console)
+    with stage_lock(Path(r.run_dir) / (DECODER_STAGE if decoder else "tokenizer")):
+        summary = train_tokenizer(r, progress=progress_bar, console=console, decoder=decoder)
     console.print(
         f"step {summary['step']}: EMA weights [bold]{summary['weights']}[/], state "
         f"{summary['checkpoint']}, metrics {summary['metrics']}"

@@ -202,14 +202,41 @@ def _recipe_dict(root: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _index_from_run(root: Path) -> BundleIndex:
-    """A run directory read as a bundle: tokenizer (recipe's `tokenizer.checkpoint` or
-    tokenizer/tokenizer.safetensors), base/base.safetensors, sr1/sr1.safetensors, ..."""
-    recipe = _recipe_dict(root)
+def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
+    """The tokenizer file a run decodes with: its fine-tuned decoder (decoder/, `walt tokenize
+    train --decoder`) when there is one, else the recipe's `tokenizer.checkpoint` or the run's
+    tokenizer/. A fine-tuned decoder is only valid on the encoder the stages were trained on:
+    a decoder/ made from another tokenizer (one retrained since) is refused."""
+    import torch
+
+    from walt_cli.models.checkpoint import load_weights
+    from walt_cli.models.tokenizer import CHECKPOINT_KIND
+
     tok_section = recipe.get("tokenizer") or {}
     tok = Path(tok_section.get("checkpoint") or root / "tokenizer" / "tokenizer.safetensors")
     if not tok.is_file():
         raise WaltError(f"{root}: run has no tokenizer weights ({tok} is missing)")
+    tuned = root / "decoder" / "tokenizer.safetensors"
+    if not tuned.is_file():
+        return tok
+    _, source, _ = load_weights(tok, kind=CHECKPOINT_KIND)
+    _, state, _ = load_weights(tuned, kind=CHECKPOINT_KIND)
+    encoder = [k for k in source if k.startswith("encoder.")]
+    if any(k not in state or not torch.equal(source[k], state[k]) for k in encoder):
+        raise WaltError(
+            f"{tuned}: its encoder is not the one of {tok} (the tokenizer changed after the "
+            "decoder was fine-tuned); rerun `walt tokenize train --decoder` or remove "
+            f"{tuned.parent}"
+        )
+    return tuned
+
+
+def _index_from_run(root: Path) -> BundleIndex:
+    """A run directory read as a bundle: tokenizer (decoder/tokenizer.safetensors, else the
+    recipe's `tokenizer.checkpoint` or tokenizer/tokenizer.safetensors: `_run_tokenizer`),
+    base/base.safetensors, sr1/sr1.safetensors, ..."""
+    recipe = _recipe_dict(root)
+    tok = _run_tokenizer(root, recipe)
     base = root / "base" / "base.safetensors"
     if not base.is_file():
         raise WaltError(f"{root}: run has no base model ({base} is missing; run walt train-base)")

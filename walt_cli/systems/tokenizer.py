@@ -15,7 +15,13 @@ Packed images (is_image and T > 1) are encoded frame by frame as 1-frame videos,
 image-video batches train one latent space (paper §4.1). A step whose loss is NaN or Inf is
 skipped and counted; `nan_patience` in a row stop the run with a message.
 
-Outputs in `runs/<name>/tokenizer/`: last.ckpt (Lightning state: weights, EMA, discriminator,
+Decoder fine-tuning (`walt tokenize train --decoder`, `train_tokenizer(decoder=True)`): the run's
+trained tokenizer is the starting point and its encoder is frozen, so its latents, and every
+stage already trained on them, stay valid while the decoder learns on (the practice behind
+Stable Diffusion's fine-tuned VAE decoders). It writes `runs/<name>/decoder/`, which the run's
+bundle then uses (pipelines/bundle.py checks that its encoder is the run's).
+
+Outputs in `runs/<name>/tokenizer/` (`decoder/` for a decoder fine-tune): last.ckpt (Lightning state: weights, EMA, discriminator,
 optimizers, schedulers, step), tokenizer.safetensors (EMA weights + config, exported at every
 checkpoint and validation), metrics.csv, previews/step-XXXXXXX.gif (original | reconstruction).
 """
@@ -41,6 +47,7 @@ from walt_cli.systems.parallel import SeparateDDP, ddp_unit, outside_system_ddp
 log = logging.getLogger("walt.tokenizer")
 
 TOKENIZER_FILE = "tokenizer.safetensors"
+DECODER_STAGE = "decoder"  # runs/<name>/decoder/: a decoder fine-tuned on the run's frozen encoder
 
 
 def split_batch(
@@ -100,10 +107,16 @@ class TokenizerSystem(L.LightningModule):
         nan_patience: int = 10,
         log_every: int = 50,
         fps: float = 8.0,
+        freeze_encoder: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer = tokenizer
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            # Out of the optimizer and out of autograd: the encoder is never updated, and its
+            # EMA copy stays bit-equal (a lerp between equal tensors returns them exactly).
+            tokenizer.encoder.requires_grad_(False)
         self.ema = ema_model(tokenizer, ema_decay)
         self.discriminator = Discriminator3D(
             in_channels=tokenizer.in_channels,
@@ -135,7 +148,8 @@ class TokenizerSystem(L.LightningModule):
     # Optimizers
 
     def configure_optimizers(self):
-        opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=self.lr, betas=self.betas)
+        trainable = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(trainable, lr=self.lr, betas=self.betas)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.disc_lr, betas=self.betas)
         g_sched = warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
         d_steps = max(1, self.max_steps - self.disc_start)
@@ -353,16 +367,24 @@ class TokenizerSystem(L.LightningModule):
             self._perceptual[0] = self.perceptual.to(self.device)
 
 
-def build_system(recipe) -> TokenizerSystem:
-    """The training system a recipe describes (a fresh tokenizer from the preset)."""
+def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
+    """The training system a recipe describes: a fresh tokenizer from the preset, or with
+    `decoder` the run's trained tokenizer (`tokenizer.checkpoint` or its own) with the encoder
+    frozen."""
+    from walt_cli.systems.encode import tokenizer_path
+
     k = recipe.tokenizer
-    tok = CausalVideoTokenizer.from_preset(k.preset)
+    if decoder:
+        tok = CausalVideoTokenizer.from_checkpoint(tokenizer_path(recipe)).train()
+    else:
+        tok = CausalVideoTokenizer.from_preset(k.preset)
     return TokenizerSystem(
         tok,
-        stage_dir=str(Path(recipe.run_dir) / "tokenizer"),
+        stage_dir=str(Path(recipe.run_dir) / (DECODER_STAGE if decoder else "tokenizer")),
         **section_kwargs(k, TokenizerSystem),
         log_every=recipe.trainer.log_every,
         fps=float(recipe.data.fps or recipe.data.shapes.fps or 8.0),
+        freeze_encoder=decoder,
     )
 
 
@@ -372,8 +394,10 @@ def train_tokenizer(
     progress: bool = True,
     callbacks: list | None = None,
     console=None,
+    decoder: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) the recipe's tokenizer; returns a summary dict.
+    """Train (or resume) the recipe's tokenizer; returns a summary dict. `decoder`: fine-tune
+    the decoder of the run's trained tokenizer, encoder frozen, in `runs/<name>/decoder/`.
 
     Rerunning resumes from `runs/<name>/tokenizer/last.ckpt` (weights, EMA, discriminator,
     optimizers, schedulers, step counter and guard state).
@@ -389,21 +413,24 @@ def train_tokenizer(
         last_checkpoint,
         startup_table,
     )
+    from walt_cli.systems.encode import tokenizer_path
     from walt_cli.systems.parallel import strategy_for
 
     strategy_for(recipe)  # refuses trainer.strategy=fsdp before any work
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
-    stage_dir = Path(recipe.run_dir) / "tokenizer"
+    stage_dir = Path(recipe.run_dir) / (DECODER_STAGE if decoder else "tokenizer")
+    system = build_system(recipe, decoder=decoder)  # first: a missing tokenizer is one line
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe)
     train_loader, val_loader, train_set, val_set = data_loaders(
         recipe, shuffle_seed=recipe.trainer.seed
     )
-    system = build_system(recipe)
     k, d = recipe.tokenizer, recipe.data
     resume = last_checkpoint(stage_dir)
 
     tok = system.tokenizer
+    trained = sum(p.numel() for p in tok.parameters() if p.requires_grad)
+    frozen = tok.num_parameters() - trained
     t, (h, w) = d.num_frames, d.resolution
     latent = (
         tok.latent_channels,
@@ -414,9 +441,15 @@ def train_tokenizer(
     if console is not None:
         console.print(
             startup_table(
-                f"walt tokenize train: {recipe.name}",
+                f"walt tokenize train{' --decoder' if decoder else ''}: {recipe.name}",
                 [
-                    ("tokenizer", f"{k.preset}: {human_count(tok.num_parameters())} parameters"),
+                    (
+                        "tokenizer",
+                        f"{k.preset}: {human_count(tok.num_parameters())} parameters"
+                        if not decoder
+                        else f"{tokenizer_path(recipe)}: decoder {human_count(trained)} "
+                        f"parameters trained, encoder {human_count(frozen)} frozen",
+                    ),
                     (
                         "discriminator",
                         f"{human_count(sum(p.numel() for p in system.discriminator.parameters()))} parameters, from step {k.disc_start}",
