@@ -48,11 +48,18 @@ SHAPES := recipes/shapes.yaml run_dir=$(DEFAULT_RUN)
 # base stage and of the SR stage, with a sixteenth of the pixels of full 128x128 frames.
 TOKENIZER_CROPS := data.resolution=[32,32] data.random_crop=true data.shapes.render_sizes=[64,128] \
 	data.batch_size=8 data.shapes.num_items=100000
+# Then the decoder alone trains on (`--decoder`: encoder frozen, so the latents stay the same) on
+# 64x64 crops: four times the context of the 32x32 crops, at a step the CPU can afford because
+# the frozen encoder needs no backward pass.
+DECODER_CROPS := data.resolution=[64,64] data.random_crop=true data.shapes.render_sizes=[64,128] \
+	data.batch_size=4 data.shapes.num_items=100000 tokenizer.max_steps=300 tokenizer.lr=5e-4 \
+	tokenizer.warmup_steps=20 tokenizer.val_every=100 tokenizer.val_batches=2 trainer.checkpoint_every=50
 # The SR stage learns a local map: 1024 clips of 128x128 pairs (encoding is the cost) suffice.
 SR_ITEMS := data.shapes.num_items=1024
 
 default-model:  ## train the shapes cascade on this machine (resumable) and export it into the package
 	walt tokenize train $(SHAPES) $(TOKENIZER_CROPS)
+	walt tokenize train $(SHAPES) --decoder $(DECODER_CROPS)
 	walt tokenize encode $(SHAPES)
 	walt tokenize encode $(SHAPES) --split val
 	walt train-base $(SHAPES)

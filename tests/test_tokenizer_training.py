@@ -324,6 +324,13 @@ def test_decoder_finetune_keeps_the_encoder_bit_equal(tmp_path: Path):
     for k in encoder:  # bit-equal, the EMA export included: the latents do not move
         assert torch.equal(source[k], state[k]), k
     assert any(not torch.equal(source[k], state[k]) for k in decoder)
+    from walt_cli.data.latents import file_hash
+    from walt_cli.models.checkpoint import load_weights
+
+    # It names the file whose latents it decodes (a bundle's stages are keyed by that file).
+    assert load_weights(tuned["weights"], kind="tokenizer")[2]["encoder_of"] == file_hash(
+        first["weights"]
+    )
     # The run decodes with the fine-tuned decoder; its tokenizer/ is untouched.
     assert _run_tokenizer(tmp_path / "run", {}) == Path(tuned["weights"])
     assert torch.equal(_tensors(first["weights"])[decoder[0]], source[decoder[0]])
@@ -344,3 +351,23 @@ def test_cli_decoder_without_a_trained_tokenizer_is_one_line(cli, tmp_path: Path
     assert result.exit_code == 2, result.output
     assert "no tokenizer weights" in result.output
     assert not (tmp_path / "run" / "decoder").exists()  # nothing written before the check
+
+
+def test_a_run_with_a_fine_tuned_decoder_samples_and_exports(tmp_path: Path):
+    """Stages trained on latents of the run's tokenizer accept the decoder fine-tuned on it: the
+    run and its exported bundle load, decode with decoder/, and sample."""
+    from pipeline_helpers import make_run
+
+    from walt_cli.pipelines import Pipeline, export_bundle, read_bundle
+
+    run = make_run(tmp_path / "run", sr=False, sample="steps: [2]")
+    recipe = tiny(tmp_path, "tokenizer.max_steps=1", "tokenizer.warmup_steps=1")
+    train_tokenizer(recipe, progress=False, decoder=True)
+    index = read_bundle(run)
+    assert index.tokenizer == run / "decoder" / "tokenizer.safetensors"
+    bundle = export_bundle(run, tmp_path / "bundle")
+    for model in (run, bundle):
+        video = Pipeline.from_bundle(model, device="cpu").generate(seeds=[0], labels=[1])
+        assert video.shape == (1, 9, 32, 32, 3)
+    exported = _tensors(read_bundle(bundle).tokenizer)
+    assert all(torch.equal(exported[k], v) for k, v in _tensors(index.tokenizer).items())

@@ -275,8 +275,8 @@ def _index_from_run(root: Path) -> BundleIndex:
     )
 
 
-def _read_extra(path: Path) -> dict[str, Any]:
-    """A stage file's extra metadata, without loading its tensors."""
+def _read_extra(path: Path, kind: str = "walt-transformer") -> dict[str, Any]:
+    """A weight file's extra metadata (a stage's by default), without loading its tensors."""
     from safetensors import safe_open
 
     try:
@@ -284,8 +284,9 @@ def _read_extra(path: Path) -> dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as err:  # a corrupt or truncated header
         raise WaltError(f"{path}: not a readable safetensors file ({err})") from None
-    if meta.get("walt.kind") != "walt-transformer":
-        raise WaltError(f"{path}: not a W.A.L.T transformer checkpoint")
+    if meta.get("walt.kind") != kind:
+        what = "W.A.L.T transformer" if kind == "walt-transformer" else kind
+        raise WaltError(f"{path}: not a {what} checkpoint")
     return {
         **json.loads(meta.get("walt.extra", "{}")),
         "config": json.loads(meta.get("walt.config", "{}")),
@@ -312,6 +313,9 @@ def check_bundle(index: BundleIndex) -> None:
                 f"{path}: sha256 does not match the bundle index (corrupt or replaced file)"
             )
     tok_hash = index.tokenizer_sha256[:16]
+    # Latents are keyed by the tokenizer file that encoded them; a decoder fine-tuned on its
+    # frozen encoder (`walt tokenize train --decoder`) names that file as `encoder_of`.
+    encoders = {tok_hash, _read_extra(index.tokenizer, "tokenizer").get("encoder_of", tok_hash)}
     previous = None
     for s in index.stages:
         extra = _stage_meta(s)
@@ -322,7 +326,7 @@ def check_bundle(index: BundleIndex) -> None:
                 )
         s.meta = {**extra, **{k: v for k, v in s.meta.items() if k not in extra}}
         trained_on = (s.meta.get("latent_stats") or {}).get("tokenizer")
-        if trained_on and trained_on != tok_hash:
+        if trained_on and trained_on not in encoders:
             raise WaltError(
                 f"{s.file}: {s.name} was trained on latents of tokenizer {trained_on}, the "
                 f"bundle's tokenizer is {tok_hash} (mismatched files)"

@@ -108,11 +108,13 @@ class TokenizerSystem(L.LightningModule):
         log_every: int = 50,
         fps: float = 8.0,
         freeze_encoder: bool = False,
+        encoder_of: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer = tokenizer
         self.freeze_encoder = freeze_encoder
+        self.encoder_of = encoder_of  # the file whose encoder this one keeps (its latents' key)
         if freeze_encoder:
             # Out of the optimizer and out of autograd: the encoder is never updated, and its
             # EMA copy stays bit-equal (a lerp between equal tensors returns them exactly).
@@ -347,10 +349,10 @@ class TokenizerSystem(L.LightningModule):
 
     def export_ema(self) -> Path:
         """tokenizer.safetensors: the EMA generator with its config and the step it is from."""
-        return self.ema.module.save(
-            self.stage_dir / TOKENIZER_FILE,
-            extra={"step": int(self.step), "ema": True},
-        )
+        extra: dict[str, Any] = {"step": int(self.step), "ema": True}
+        if self.encoder_of:
+            extra["encoder_of"] = self.encoder_of
+        return self.ema.module.save(self.stage_dir / TOKENIZER_FILE, extra=extra)
 
     # ---------------------------------------------------------------------------------------
     # Checkpoint extras (primitives only, so resuming loads with weights_only=True)
@@ -371,11 +373,20 @@ def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
     """The training system a recipe describes: a fresh tokenizer from the preset, or with
     `decoder` the run's trained tokenizer (`tokenizer.checkpoint` or its own) with the encoder
     frozen."""
+    from walt_cli.data.latents import file_hash
+    from walt_cli.models.checkpoint import load_weights
+    from walt_cli.models.tokenizer import CHECKPOINT_KIND
     from walt_cli.systems.encode import tokenizer_path
 
     k = recipe.tokenizer
+    encoder_of = None
     if decoder:
-        tok = CausalVideoTokenizer.from_checkpoint(tokenizer_path(recipe)).train()
+        source = tokenizer_path(recipe)
+        tok = CausalVideoTokenizer.from_checkpoint(source).train()
+        # Latents are keyed by the file that encoded them: a fine-tune of a fine-tune keeps
+        # naming the first.
+        _, _, extra = load_weights(source, kind=CHECKPOINT_KIND)
+        encoder_of = extra.get("encoder_of") or file_hash(source)
     else:
         tok = CausalVideoTokenizer.from_preset(k.preset)
     return TokenizerSystem(
@@ -385,6 +396,7 @@ def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
         log_every=recipe.trainer.log_every,
         fps=float(recipe.data.fps or recipe.data.shapes.fps or 8.0),
         freeze_encoder=decoder,
+        encoder_of=encoder_of,
     )
 
 
