@@ -21,9 +21,10 @@ stage already trained on them, stay valid while the decoder learns on (the pract
 Stable Diffusion's fine-tuned VAE decoders). It writes `runs/<name>/decoder/`, which the run's
 bundle then uses (pipelines/bundle.py checks that its encoder is the run's).
 
-Outputs in `runs/<name>/tokenizer/` (`decoder/` for a decoder fine-tune): last.ckpt (Lightning state: weights, EMA, discriminator,
-optimizers, schedulers, step), tokenizer.safetensors (EMA weights + config, exported at every
-checkpoint and validation), metrics.csv, previews/step-XXXXXXX.gif (original | reconstruction).
+Outputs in `runs/<name>/tokenizer/` (`decoder/` for a decoder fine-tune): last.ckpt (Lightning
+state: weights, EMA, discriminator, optimizers, schedulers, step), tokenizer.safetensors (EMA
+weights + config, exported at every checkpoint and validation), metrics.csv,
+previews/step-XXXXXXX.gif (original | reconstruction).
 """
 
 from __future__ import annotations
@@ -411,8 +412,8 @@ def train_tokenizer(
     """Train (or resume) the recipe's tokenizer; returns a summary dict. `decoder`: fine-tune
     the decoder of the run's trained tokenizer, encoder frozen, in `runs/<name>/decoder/`.
 
-    Rerunning resumes from `runs/<name>/tokenizer/last.ckpt` (weights, EMA, discriminator,
-    optimizers, schedulers, step counter and guard state).
+    Rerunning resumes from `runs/<name>/tokenizer/last.ckpt` (`decoder/last.ckpt`): weights,
+    EMA, discriminator, optimizers, schedulers, step counter and guard state.
     """
     from walt_cli.config import save_recipe
     from walt_cli.plan import startup_rows
@@ -431,12 +432,14 @@ def train_tokenizer(
     strategy_for(recipe)  # refuses trainer.strategy=fsdp before any work
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     stage_dir = Path(recipe.run_dir) / (DECODER_STAGE if decoder else "tokenizer")
-    system = build_system(recipe, decoder=decoder)  # first: a missing tokenizer is one line
+    if decoder:
+        tokenizer_path(recipe)  # no trained tokenizer to start from: one line, nothing written
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe)
     train_loader, val_loader, train_set, val_set = data_loaders(
         recipe, shuffle_seed=recipe.trainer.seed
     )
+    system = build_system(recipe, decoder=decoder)
     k, d = recipe.tokenizer, recipe.data
     resume = last_checkpoint(stage_dir)
 
