@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument(
         "--through",
         default="",
-        help="--model: also score real clips through these parts (tokenizer,sr1,...), no sampling",
+        help="--model: also score real clips passed through these parts (tokenizer,sr1,...)",
     )
     ap.add_argument("--no-sample", action="store_true", help="--model: only the --through rows")
     args = ap.parse_args()
