@@ -205,12 +205,10 @@ def _recipe_dict(root: Path) -> dict[str, Any]:
 def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
     """The tokenizer file a run decodes with: its fine-tuned decoder (decoder/, `walt tokenize
     train --decoder`) when there is one, else the recipe's `tokenizer.checkpoint` or the run's
-    tokenizer/. A fine-tuned decoder is only valid on the encoder the stages were trained on:
-    a decoder/ made from another tokenizer (one retrained since) is refused."""
-    import torch
-
-    from walt_cli.models.checkpoint import load_weights
-    from walt_cli.models.tokenizer import CHECKPOINT_KIND
+    tokenizer/. A fine-tuned decoder names the file whose encoder it kept (`encoder_of`, the
+    short sha256 latents are keyed by); one made from another tokenizer (one retrained since) is
+    refused."""
+    from walt_cli.data.latents import file_hash
 
     tok_section = recipe.get("tokenizer") or {}
     tok = Path(tok_section.get("checkpoint") or root / "tokenizer" / "tokenizer.safetensors")
@@ -219,10 +217,7 @@ def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
     tuned = root / "decoder" / "tokenizer.safetensors"
     if not tuned.is_file():
         return tok
-    _, source, _ = load_weights(tok, kind=CHECKPOINT_KIND)
-    _, state, _ = load_weights(tuned, kind=CHECKPOINT_KIND)
-    encoder = [k for k in source if k.startswith("encoder.")]
-    if any(k not in state or not torch.equal(source[k], state[k]) for k in encoder):
+    if _read_extra(tuned, "tokenizer").get("encoder_of") != file_hash(tok):
         raise WaltError(
             f"{tuned}: its encoder is not the one of {tok} (the tokenizer changed after the "
             "decoder was fine-tuned); rerun `walt tokenize train --decoder` or remove "
