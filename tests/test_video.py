@@ -17,6 +17,7 @@ from walt_cli.data.video import (
     probe,
     read_frames,
     read_image,
+    read_images,
     resize_crop,
     write_image,
     write_video,
@@ -131,6 +132,33 @@ def test_png_contact_sheet_and_image_round_trip(tmp_path: Path):
     assert sheet.shape == (2 * 16 + 2, 5 * 16 + 4 * 2, 3)
     out = write_image(tmp_path / "sheet.png", sheet)
     assert np.array_equal(read_image(out), sheet)  # PNG is lossless
+
+
+def test_read_images_decodes_a_png_folder_in_one_call_as_file_by_file(tmp_path: Path, monkeypatch):
+    """A folder of PNG frames (odd names included) reads back bit-equal through the one-process
+    path and the file-by-file one; JPEG frames take the file-by-file path; frames of different
+    sizes are refused in one line on either path."""
+    import walt_cli.data.video as video
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(6, 12, 20, 3), dtype=np.uint8)
+    folder = tmp_path / "it's a clip"
+    paths = [write_image(folder / f"{i:04d}.png", f) for i, f in enumerate(frames)]
+    assert np.array_equal(read_images(paths), frames)  # PNG is lossless: exact
+    calls = []
+    monkeypatch.setattr(video, "read_image", lambda p: calls.append(p) or read_image(p))
+    assert np.array_equal(read_images(paths), frames)
+    assert calls == []  # one ffmpeg process, not one per file
+    monkeypatch.setattr(video, "_concat_pngs", lambda paths, size: None)  # e.g. an old ffmpeg
+    assert np.array_equal(read_images(paths), frames) and len(calls) == len(paths)
+    jpegs = [write_image(tmp_path / "j" / f"{i}.jpg", f) for i, f in enumerate(frames[:2])]
+    assert read_images(jpegs).shape == (2, 12, 20, 3)
+    assert read_images([]).shape == (0, 1, 1, 3)
+    odd = write_image(folder / "0006.png", frames[0, :8])
+    with pytest.raises(WaltError, match="its frame images differ in size"):
+        read_images([*paths, odd])
+    with pytest.raises(WaltError, match="its frame images differ in size"):
+        read_images([*jpegs, write_image(tmp_path / "j" / "2.jpg", frames[0, :8])])
 
 
 def test_resize_crop_cover_and_centre():

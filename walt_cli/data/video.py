@@ -161,6 +161,85 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return frames[0]
 
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (its first 24 bytes), or None for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != _PNG_MAGIC or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _concat_pngs(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray | None:
+    """PNG files of one size decoded by ONE ffmpeg process through the concat demuxer (each
+    file one frame, passed through without frame-rate conversion); None where that fails (an
+    ffmpeg older than 5.1 has no -fps_mode, a name ffconcat cannot quote), for the caller's
+    file-by-file path."""
+    import tempfile
+
+    import imageio_ffmpeg
+
+    if any("\n" in str(p) or "\r" in str(p) for p in paths):
+        return None
+    lines = ["ffconcat version 1.0"]
+    for p in paths:
+        quoted = str(Path(p).resolve()).replace("'", "'\\''")
+        lines += [f"file '{quoted}'", "duration 1"]
+    fd, listing = tempfile.mkstemp(suffix=".ffconcat", prefix="walt-frames-")
+    width, height = size
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        gen = imageio_ffmpeg.read_frames(
+            listing,
+            pix_fmt="rgb24",
+            input_params=["-f", "concat", "-safe", "0"],
+            output_params=["-fps_mode", "passthrough"],
+        )
+        meta = next(gen)
+        if tuple(meta["size"]) != (width, height):
+            gen.close()
+            return None
+        frames = [np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in gen]
+    except (RuntimeError, OSError, StopIteration, ValueError):
+        return None
+    finally:
+        os.unlink(listing)
+    return np.stack(frames) if len(frames) == len(paths) else None
+
+
+def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Image files of one size (a frame folder) as uint8 (N, H, W, 3) RGB.
+
+    PNG frames, what `walt eval-fvd --model` and the bench scripts write, are decoded by one
+    ffmpeg process for the whole list: a process per file costs ~0.1 s of start-up, ~12x the
+    decoding of a 128x128 frame (measured: 17 frames in 0.15 s instead of 1.8 s). Sizes are read
+    from the PNG headers first, so frames of different sizes are still refused. Anything else
+    (JPEG, ..., or a failed batch call) is decoded file by file with `read_image`.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return np.zeros((0, 1, 1, 3), np.uint8)
+    folder = paths[0].parent
+    sizes = [_png_size(p) for p in paths]
+    if len(paths) > 1 and all(s is not None for s in sizes):
+        if len(set(sizes)) > 1:
+            raise WaltError(f"{folder}: its frame images differ in size")
+        batch = _concat_pngs(paths, sizes[0])
+        if batch is not None:
+            return batch
+    frames = [read_image(p) for p in paths]
+    if len({f.shape for f in frames}) > 1:
+        raise WaltError(f"{folder}: its frame images differ in size")
+    return np.stack(frames)
+
+
 # --------------------------------------------------------------------------------------------
 # Clip sampling
 

@@ -156,14 +156,10 @@ def probe_clip(src: ClipSource) -> ClipInfo:
 
 def read_clip(src: ClipSource, start: int = 0, num_frames: int | None = None) -> np.ndarray:
     """Frames [start, start + num_frames) of a clip as uint8 (T, H, W, 3); None: to the end."""
-    from walt_cli.data.video import read_frames, read_image
+    from walt_cli.data.video import read_frames, read_images
 
     if src.frames is not None:
-        picked = src.frames[start : None if num_frames is None else start + num_frames]
-        frames = [read_image(f) for f in picked]
-        if len({f.shape for f in frames}) > 1:
-            raise WaltError(f"{src.path}: its frame images differ in size")
-        out = np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
+        out = read_images(src.frames[start : None if num_frames is None else start + num_frames])
     elif num_frames is None:
         out, _ = read_frames(src.path)
         out = out[start:]
