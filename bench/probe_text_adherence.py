@@ -50,8 +50,11 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _heldout(recipe: str, num: int, frames: int, height: int, width: int):
-    """The recipe's "heldout" split (a ShapesDataset) at this clip size, with `num` items."""
+def heldout_clips(
+    recipe: str, num: int, frames: int, height: int, width: int, split: str = "heldout"
+):
+    """A split of the recipe's shapes data with `data.shapes.holdout` on (a ShapesDataset) at
+    this clip size, with `num` items: "heldout" by default, or "train" (the seen triples)."""
     from walt_cli.config import load_recipe
     from walt_cli.data.datasets import build_dataset
 
@@ -63,7 +66,7 @@ def _heldout(recipe: str, num: int, frames: int, height: int, width: int):
     # checked as a whole for training (e.g. base.num_cond_frames against data.num_frames), and
     # the probe's clip size (1 frame for captions, any --frames) is no training recipe.
     r.data.num_frames, r.data.resolution = frames, [height, width]
-    return build_dataset(r.data, "heldout")
+    return build_dataset(r.data, split)
 
 
 def _generate(args, captions: list[str]):
@@ -238,7 +241,7 @@ def main() -> None:
     rows = []
     if args.model is not None and not args.no_sample:
         # The captions do not depend on the clip size (only the paths do).
-        scenes = _heldout(args.recipe, args.num, 1, 8, 8)
+        scenes = heldout_clips(args.recipe, args.num, 1, 8, 8)
         captions = [scenes.scene(i).caption for i in range(args.num)]
         videos = _generate(args, captions)
         n, t, h, w, _ = videos.shape
@@ -256,7 +259,7 @@ def main() -> None:
         )
     else:
         t, h, w = args.frames or 17, args.size, args.size
-    ds = _heldout(args.recipe, args.num, t, h, w)
+    ds = heldout_clips(args.recipe, args.num, t, h, w)
     real = [
         tensor_to_frames(_degrade(ds[i]["video"], args.blur, args.noise, i))
         for i in range(args.num)

@@ -12,12 +12,14 @@ from walt_cli.data.shapes import COLOURS, DIRECTIONS, HELD_OUT, SHAPES, ShapesDa
 from walt_cli.data.video import tensor_to_frames
 from walt_cli.errors import WaltError
 from walt_cli.metrics.adherence import (
+    ATTRIBUTES,
     Attributes,
     accuracy,
     parse_caption,
     read_video,
     score,
     score_batch,
+    swap_attribute,
 )
 
 
@@ -49,6 +51,30 @@ def test_parse_caption():
     )
     with pytest.raises(WaltError, match="names no '<colour> <shape> moving <direction>'"):
         parse_caption("a pink hexagon moving left")
+
+
+def test_swap_attribute_changes_one_word_of_the_first_object():
+    cap = (
+        "a small red circle moving up-left slowly and a blue square moving up on a gray background"
+    )
+    assert swap_attribute(cap, "colour") == cap.replace("red", "green", 1)
+    assert swap_attribute(cap, "shape") == cap.replace("circle", "square", 1)
+    assert swap_attribute(cap, "direction") == cap.replace("up-left", "up-right", 1)
+    assert swap_attribute(cap, "background") == cap.replace("gray", "navy")
+    # The article follows the new word; the last word of a vocabulary wraps to the first.
+    assert swap_attribute("a purple cross moving left", "colour") == "an orange cross moving left"
+    assert swap_attribute("an orange cross moving left", "colour") == "a white cross moving left"
+    assert swap_attribute("a cyan cross moving down-right", "direction") == (
+        "a cyan cross moving left"
+    )
+    assert swap_attribute("a cyan cross moving left", "shape") == "a cyan circle moving left"
+    for attribute in ATTRIBUTES:  # every swap is read back as a different value
+        got = parse_caption(swap_attribute(cap, attribute))
+        assert getattr(got, attribute) != getattr(parse_caption(cap), attribute)
+    with pytest.raises(WaltError, match="names no background"):
+        swap_attribute("a red circle moving left", "background")
+    with pytest.raises(WaltError, match="attribute must be one of"):
+        swap_attribute(cap, "speed")
 
 
 # (size, frames, clips): every held-out clip is read right (measured: 1.0 on each attribute at
@@ -199,3 +225,60 @@ def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch
     monkeypatch.setattr(sys, "argv", [*argv[:-2], "sr1", "--no-sample"])
     with pytest.raises(WaltError, match="--through sr1: not a part of m"):
         bench.main()
+
+
+def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, capsys):
+    """`bench/probe_text_sensitivity.py` takes the loss of every caption variant under the same
+    diffusion times and noise. A stand-in net that reads the colour word alone shows a gap where
+    the colour changes (swapped, shuffled, no caption) and exactly none for the other swaps."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    from walt_cli.diffusion.schedules import make_schedule
+
+    colours = list(COLOURS)
+
+    class Encoder:
+        def encode(self, captions):
+            states = torch.zeros(len(captions), 1, len(colours))
+            for i, c in enumerate(captions):
+                if c:
+                    states[i, 0, colours.index(parse_caption(c).colour)] = 1.0
+            return states, torch.ones(len(captions), 1, dtype=torch.bool)
+
+    def net(x_in, t, cond):  # v = 0.1 x the index of the colour word, everywhere
+        seen = cond.text[:, 0] * cond.text_mask[:, :1]
+        level = 0.1 * (seen * torch.arange(len(colours))).sum(-1)
+        return level.view(-1, 1, 1, 1, 1) * torch.ones_like(x_in[:, :3])
+
+    stage = types.SimpleNamespace(resolution=(32, 32), normalize=lambda z: z, net=net)
+
+    class Standin:
+        conditioning, clip_frames, stages = "text", 5, [stage]
+        text_encoder, schedule = Encoder(), make_schedule()
+
+        @classmethod
+        def from_bundle(cls, path):
+            return cls()
+
+        def encode(self, video):
+            return video[:, :, :, ::8, ::8]  # (B, 3, 5, 4, 4)
+
+    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=Standin))
+    path = Path(__file__).resolve().parent.parent / "bench" / "probe_text_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("probe_text_sensitivity", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["x", "--model", "m", "--num", "12", "--repeats", "2"])
+    bench.main()
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[2]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    for same in ("true caption", "shape swapped", "direction swapped", "background swapped"):
+        assert rows[same] == "+0.0000 +- 0.0000", same
+    for changed in ("colour swapped", "shuffled (another clip's)", "no caption"):
+        assert rows[changed] != "+0.0000 +- 0.0000", changed

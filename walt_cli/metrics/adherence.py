@@ -98,6 +98,42 @@ def parse_caption(caption: str) -> Attributes:
     return Attributes(m[1], m[2], m[3], bg[1] if bg else None)
 
 
+_VOCABULARY = {
+    "colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "direction": list(DIRECTIONS),
+    "background": list(BACKGROUNDS),
+}
+
+
+def swap_attribute(caption: str, attribute: str) -> str:
+    """The caption with one attribute of its first object (or its background) replaced by the
+    next word of that vocabulary, cyclically: "a red circle moving left ..." -> colour ->
+    "a green circle moving left ...". The article before a changed word follows it (a / an).
+    What a text-sensitivity probe feeds a model in place of the true caption."""
+    if attribute not in _VOCABULARY:
+        raise WaltError(f"attribute must be one of {sorted(_VOCABULARY)}, got {attribute!r}")
+    if attribute == "background":
+        m, group = _BACKGROUND.search(caption.lower()), 1
+    else:
+        m, group = (
+            _OBJECT.search(caption.lower()),
+            ("colour", "shape", "direction").index(attribute),
+        )
+        group += 1
+    if m is None:
+        raise WaltError(f"caption {caption!r} names no {attribute} of the shapes vocabulary")
+    words = _VOCABULARY[attribute]
+    new = words[(words.index(m[group]) + 1) % len(words)]
+    start, end = m.span(group)
+    head = caption[:start]
+    # "a orange" -> "an orange": the article right before the replaced word (none in between).
+    article = re.search(r"\b(an?) $", head, flags=re.IGNORECASE)
+    if article is not None:
+        head = head[: article.start(1)] + ("an" if new[0] in "aeiou" else "a") + " "
+    return head + new + caption[end:]
+
+
 def _nearest(value: torch.Tensor, palette: dict[str, tuple[int, int, int]]) -> str:
     names = list(palette)
     ref = torch.tensor([palette[n] for n in names], dtype=torch.float32)
