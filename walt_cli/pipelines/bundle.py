@@ -271,21 +271,11 @@ def _index_from_run(root: Path) -> BundleIndex:
 
 
 def _read_extra(path: Path, kind: str = "walt-transformer") -> dict[str, Any]:
-    """A weight file's extra metadata (a stage's by default), without loading its tensors."""
-    from safetensors import safe_open
+    """A weight file's extra metadata and its "config" (a stage's by default), header only."""
+    from walt_cli.models.checkpoint import read_metadata
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # a corrupt or truncated header
-        raise WaltError(f"{path}: not a readable safetensors file ({err})") from None
-    if meta.get("walt.kind") != kind:
-        what = "W.A.L.T transformer" if kind == "walt-transformer" else kind
-        raise WaltError(f"{path}: not a {what} checkpoint")
-    return {
-        **json.loads(meta.get("walt.extra", "{}")),
-        "config": json.loads(meta.get("walt.config", "{}")),
-    }
+    config, extra = read_metadata(path, kind=kind)
+    return {**extra, "config": config}
 
 
 def _stage_meta(stage: StageEntry) -> dict[str, Any]:

@@ -375,7 +375,7 @@ def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
     `decoder` the run's trained tokenizer (`tokenizer.checkpoint` or its own) with the encoder
     frozen."""
     from walt_cli.data.latents import file_hash
-    from walt_cli.models.checkpoint import load_weights
+    from walt_cli.models.checkpoint import read_metadata
     from walt_cli.models.tokenizer import CHECKPOINT_KIND
     from walt_cli.systems.encode import tokenizer_path
 
@@ -386,7 +386,7 @@ def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
         tok = CausalVideoTokenizer.from_checkpoint(source).train()
         # Latents are keyed by the file that encoded them: a fine-tune of a fine-tune keeps
         # naming the first.
-        _, _, extra = load_weights(source, kind=CHECKPOINT_KIND)
+        _, extra = read_metadata(source, kind=CHECKPOINT_KIND)  # the header alone
         encoder_of = extra.get("encoder_of") or file_hash(source)
     else:
         tok = CausalVideoTokenizer.from_preset(k.preset)
