@@ -5,6 +5,7 @@ the caption asks for? Prints a markdown table (walt_cli/metrics/adherence.py is 
     python bench/probe_text_adherence.py --model default --num 200       # a model, beside real clips
     python bench/probe_text_adherence.py --real --size 128 --blur 2      # the probe on blurred clips
     python bench/probe_text_adherence.py --model default --through tokenizer,sr1 --num 200
+    python bench/probe_text_adherence.py --model default --offset 100 --num 100  # 2nd half
 
 The captions are the first N items of the recipe's "heldout" split (`data.shapes.holdout`
 forced on): one object each, whose (colour, shape, direction) is one of the 40 triples that a
@@ -86,7 +87,7 @@ def _generate(args, captions: list[str]):
     out = []
     for start in range(0, len(captions), args.batch):
         prompts = captions[start : start + args.batch]
-        seeds = [args.seed + start + i for i in range(len(prompts))]
+        seeds = [args.seed + args.offset + start + i for i in range(len(prompts))]
         video = pipe.generate(prompts=prompts, seeds=seeds, **kwargs)
         video = video.cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
         out.append(video)
@@ -111,7 +112,7 @@ def _through(args, pipe, part: str, ds, captions: list[str]):
     out = []
     for start in range(0, len(captions), args.batch):
         idx = range(start, min(start + args.batch, len(captions)))
-        video = torch.stack([ds[i]["video"] for i in idx])  # (B, 3, T, H, W) in [-1, 1]
+        video = torch.stack([ds[args.offset + i]["video"] for i in idx])  # (B, 3, T, H, W)
         with torch.no_grad():
             if part == "tokenizer":
                 got = pipe.decode(pipe.encode(video))
@@ -129,7 +130,7 @@ def _through(args, pipe, part: str, ds, captions: list[str]):
                 )
                 kwargs = {"steps": args.steps} if args.steps is not None else {}
                 got = sub.super_resolve(
-                    z_low, seeds=[args.seed + i for i in idx],
+                    z_low, seeds=[args.seed + args.offset + i for i in idx],
                     prompts=[captions[i] for i in idx], output="float", **kwargs,
                 )  # fmt: skip
         out.append(np.stack([tensor_to_frames(v) for v in got]))
@@ -211,6 +212,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="--model: sampling steps")
     ap.add_argument("--guidance", default=None, help="--model: scale, or one per stage: 7.5,4,4")
     ap.add_argument("--seed", type=int, default=0, help="--model: sample i uses seed + i")
+    ap.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="start at held-out caption K: runs with --offset 0 --num 100 and --offset 100 --num "
+        "100 (e.g. one per core) score exactly the clips and samples of one --num 200 run",
+    )
     ap.add_argument("--batch", type=int, default=8, help="--model: prompts per generate call")
     ap.add_argument("--blur", type=float, default=0.0, help="real clips: Gaussian blur sigma, px")
     ap.add_argument("--noise", type=float, default=0.0, help="real clips: noise std, 0..255")
@@ -227,8 +235,9 @@ def main() -> None:
         ap.error("--through needs --model")
     if args.no_sample and not parts:
         ap.error("--no-sample needs --through")
-    if args.num < 1:
-        ap.error("--num must be >= 1")
+    if args.num < 1 or args.offset < 0:
+        ap.error("--num must be >= 1 and --offset >= 0")
+    picked = range(args.offset, args.offset + args.num)
 
     import torch
 
@@ -241,8 +250,8 @@ def main() -> None:
     rows = []
     if args.model is not None and not args.no_sample:
         # The captions do not depend on the clip size (only the paths do).
-        scenes = heldout_clips(args.recipe, args.num, 1, 8, 8)
-        captions = [scenes.scene(i).caption for i in range(args.num)]
+        scenes = heldout_clips(args.recipe, args.offset + args.num, 1, 8, 8)
+        captions = [scenes.scene(i).caption for i in picked]
         videos = _generate(args, captions)
         n, t, h, w, _ = videos.shape
         with _one_thread():
@@ -259,12 +268,9 @@ def main() -> None:
         )
     else:
         t, h, w = args.frames or 17, args.size, args.size
-    ds = heldout_clips(args.recipe, args.num, t, h, w)
-    real = [
-        tensor_to_frames(_degrade(ds[i]["video"], args.blur, args.noise, i))
-        for i in range(args.num)
-    ]
-    real_captions = [ds.scene(i).caption for i in range(args.num)]
+    ds = heldout_clips(args.recipe, args.offset + args.num, t, h, w)
+    real = [tensor_to_frames(_degrade(ds[i]["video"], args.blur, args.noise, i)) for i in picked]
+    real_captions = [ds.scene(i).caption for i in picked]
     with _one_thread():
         real_scores = score_batch(real, real_captions)
     damage = ", ".join(

@@ -170,6 +170,15 @@ def test_bench_model_mode_scores_what_the_pipeline_returns(monkeypatch, capsys):
     assert [(a.colour, a.shape, a.direction) for a in asked] == list(HELD_OUT[:6])
     assert "| model `default` (steps 3, guidance 2,1) | 6 | 5x32x32 | 0.0% | 0.0% | 0.0% |" in out
     assert "| real held-out clips | 6 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in out
+    # --offset: the same captions and seeds as the tail of a longer run.
+    del calls[:]
+    monkeypatch.setattr(sys, "argv", ["x", "--model", "default", "--num", "3", "--offset", "3"])
+    bench.main()
+    ((_, prompts, seeds, _),) = calls  # the pipeline is cached: one generate call
+    assert seeds == [3, 4, 5] and prompts == p1[3:] + p2
+    assert "| real held-out clips | 3 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in (
+        capsys.readouterr().out
+    )
 
 
 def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch, capsys):
