@@ -12,10 +12,15 @@ v-prediction loss (walt_cli.diffusion.losses, no self-conditioning, no frame con
 with the true caption and with `metrics.adherence.swap_attribute` applied to one attribute (its
 next vocabulary word), under the same diffusion times and noise; `shuffled` gives every clip
 another clip's caption and `no caption` the empty (all-masked) one, as the far ends.
+`--cond-frames K` gives the first K clean latent frames (frame prediction, the path of `walt
+animate`): where the object starts is then known, and the direction decides where it goes.
 
-The "gap" is the mean of (swapped - true) over clips and repeats, with its standard error: a
-model that ignores a word has a gap of zero there, whatever it generates. It reads what the
-training objective learnt, while `probe_text_adherence.py` reads what the sampler makes of it.
+Each cell is the gap: the mean of (swapped - true) over clips and draws as a share of the
+true-caption loss, with its standard error, at each of `--times` ("random": uniform draws, the
+training loss; a fixed t: that noise level alone, where t near 1 is where a sampler lays out
+the scene from the caption). A model that ignores a word has a gap of zero there, whatever it
+generates. It reads what the training objective learnt; `probe_text_adherence.py` reads what
+the sampler makes of it.
 """
 
 from __future__ import annotations
@@ -47,24 +52,48 @@ def _clips(args, frames: int, height: int, width: int):
     return torch.stack([ds[i]["video"] for i in picked]), [ds.scene(i).caption for i in picked]
 
 
-def _losses(net, schedule, z0, text, mask, repeats: int, seed: int):
-    """(repeats, N): each clip's loss under `repeats` seeded draws of the time and the noise."""
+def _losses(net, schedule, z0, text, mask, args, step: int | None):
+    """(repeats, N): each clip's loss under `--repeats` seeded draws of the noise (and of the
+    diffusion step, unless `step` fixes it)."""
     import torch
 
     from walt_cli.diffusion.losses import diffusion_loss
     from walt_cli.models.transformer import Conditioning
 
-    out = torch.empty(repeats, z0.shape[0])
-    for r in range(repeats):
+    k = args.cond_frames
+    out = torch.empty(args.repeats, z0.shape[0])
+    for r in range(args.repeats):
         for i in range(z0.shape[0]):  # one clip per call: the loss is a batch mean
             cond = Conditioning(
                 text=text[i : i + 1], text_mask=mask[i : i + 1], is_image=torch.zeros(1, dtype=bool)
             )
-            gen = torch.Generator().manual_seed(seed + r * 100_003 + i)
             loss = diffusion_loss(
-                net, z0[i : i + 1], cond, schedule, p_self_cond=0.0, generator=gen
+                net,
+                z0[i : i + 1],
+                cond,
+                schedule,
+                p_self_cond=0.0,
+                p_frame_pred=1.0 if k else 0.0,
+                num_cond_frames=(k,) if k else (1,),
+                generator=torch.Generator().manual_seed(args.seed + r * 100_003 + i),
+                step=None if step is None else torch.tensor([step]),
             )
             out[r, i] = loss.loss.item()
+    return out
+
+
+def _times(text: str) -> list[float | None]:
+    """--times "random,0.5,0.9" -> [None, 0.5, 0.9]."""
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        if tok == "random":
+            out.append(None)
+            continue
+        t = float(tok)
+        if not 0.0 <= t <= 1.0:
+            raise SystemExit(f"--times: {t} is outside [0, 1]")
+        out.append(t)
     return out
 
 
@@ -75,6 +104,19 @@ def main() -> None:
     ap.add_argument("--split", choices=("heldout", "train"), default="heldout")
     ap.add_argument("--repeats", type=int, default=4, help="draws of time and noise per clip")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--times",
+        default="random,0.5,0.8,0.95",
+        help="diffusion times to take the loss at: 'random' (uniform draws, the training loss) "
+        "and/or fixed t in [0, 1]",
+    )
+    ap.add_argument(
+        "--cond-frames",
+        type=int,
+        default=0,
+        help="give the first K clean latent frames (frame prediction, what `walt animate` does); "
+        "the loss is then over the others",
+    )
     ap.add_argument("--recipe", default="recipes/shapes.yaml", help="whose shapes data to use")
     args = ap.parse_args()
     if args.num < 2 or args.repeats < 1:
@@ -95,35 +137,46 @@ def main() -> None:
     videos, captions = _clips(args, frames, h, w)
     with torch.no_grad():
         z0 = stage.normalize(pipe.encode(videos))
+        if not 0 <= args.cond_frames < z0.shape[2]:
+            raise WaltError(
+                f"--cond-frames must be in 0..{z0.shape[2] - 1}, got {args.cond_frames}"
+            )
         variants = {"true caption": captions}
         variants |= {f"{a} swapped": [swap_attribute(c, a) for c in captions] for a in ATTRIBUTES}
         variants["shuffled (another clip's)"] = captions[1:] + captions[:1]
         variants["no caption"] = [""] * len(captions)
+        times = _times(args.times)
+        steps = [None if t is None else round(t * (pipe.schedule.num_steps - 1)) for t in times]
         losses = {}
         for name, caps in variants.items():
             text, mask = pipe.text_encoder.encode(caps)
             if name == "no caption":
                 mask = torch.zeros_like(mask, dtype=torch.bool)  # what condition dropout trains
-            losses[name] = _losses(
-                stage.net, pipe.schedule, z0, text, mask.bool(), args.repeats, args.seed
-            )
+            losses[name] = [
+                _losses(stage.net, pipe.schedule, z0, text, mask.bool(), args, step)
+                for step in steps
+            ]
             print(f"{name}: done", file=sys.stderr)
     true = losses["true caption"]
-    print("| caption | loss | gap vs true (+- s.e.) | gap / true loss |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, loss in losses.items():
-        gap = (loss - true).flatten()
-        se = gap.std() / math.sqrt(gap.numel()) if name != "true caption" else torch.tensor(0.0)
-        cells = [
-            f"{loss.mean():.4f}",
-            f"{gap.mean():+.4f} +- {se:.4f}",
-            f"{gap.mean() / true.mean():+.1%}",
-        ]
+    heads = ["t random" if t is None else f"t = {t:g}" for t in times]
+    print("| caption | " + " | ".join(heads) + " |")
+    print("| --- |" + " ---: |" * len(heads))
+    print("| loss, true caption | " + " | ".join(f"{x.mean():.4f}" for x in true) + " |")
+    for name, per_time in list(losses.items())[1:]:
+        cells = []
+        for loss, ref in zip(per_time, true, strict=True):
+            gap = (loss - ref).flatten() / ref.mean()
+            cells.append(f"{gap.mean():+.1%} +- {gap.std() / math.sqrt(gap.numel()):.1%}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print(
+        "\nCells: mean of (loss - true-caption loss) over clips and draws, as a share of the mean "
+        "true-caption loss at that time, +- its standard error."
+    )
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(
-        f"\n({args.num} {args.split} clips x {args.repeats} draws, {frames}x{h}x{w}, model "
-        f"`{args.model}`; {time.time() - began:.0f} s on {machine})"
+        f"\n({args.num} {args.split} clips x {args.repeats} draws, {frames}x{h}x{w}, "
+        f"{args.cond_frames} clean latent frames given, model `{args.model}`; "
+        f"{time.time() - began:.0f} s on {machine})"
     )
 
 

@@ -280,14 +280,20 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
     spec = importlib.util.spec_from_file_location("probe_text_sensitivity", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr(sys, "argv", ["x", "--model", "m", "--num", "12", "--repeats", "2"])
+    argv = ["x", "--model", "m", "--num", "12", "--repeats", "2", "--times", "random,0.9"]
+    monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     rows = {
-        line.split(" | ")[0].strip("| "): line.split(" | ")[2]
+        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
         for line in capsys.readouterr().out.splitlines()
         if line.startswith("| ") and "---" not in line
     }
-    for same in ("true caption", "shape swapped", "direction swapped", "background swapped"):
-        assert rows[same] == "+0.0000 +- 0.0000", same
+    assert list(rows)[:2] == ["caption", "loss, true caption"]
+    assert rows["caption"] == ["t random", "t = 0.9"]
+    for same in ("shape swapped", "direction swapped", "background swapped"):
+        assert rows[same] == ["+0.0% +- 0.0%"] * 2, same
     for changed in ("colour swapped", "shuffled (another clip's)", "no caption"):
-        assert rows[changed] != "+0.0000 +- 0.0000", changed
+        assert all(cell != "+0.0% +- 0.0%" for cell in rows[changed]), changed
+    monkeypatch.setattr(sys, "argv", [*argv, "--cond-frames", "5"])
+    with pytest.raises(WaltError, match="--cond-frames must be in 0..4, got 5"):
+        bench.main()

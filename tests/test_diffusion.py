@@ -182,6 +182,30 @@ def test_loss_is_v_mse_and_skips_conditioning_frames():
     torch.testing.assert_close(x_in[:, 16:24], z0 * m)  # clean latents of conditioning frames
 
 
+def test_a_fixed_step_keeps_the_noise_and_masks_of_the_seed():
+    """`step` fixes the diffusion step and changes nothing else a seed draws: the same noise,
+    so that losses at chosen noise levels are paired across conditions."""
+    z0 = torch.randn(3, 8, 5, 4, 4)
+    fixed = torch.tensor([0, 500, 999])
+    out = diffusion_loss(
+        SpyNet(), z0, None, SCHEDULE, p_self_cond=0.0, p_frame_pred=0.5,
+        generator=torch.Generator().manual_seed(3), step=fixed,
+    )  # fmt: skip
+    free = diffusion_loss(
+        SpyNet(), z0, None, SCHEDULE, p_self_cond=0.0, p_frame_pred=0.5,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    torch.testing.assert_close(out.t, fixed / 999)
+    assert torch.equal(out.frame_mask, free.frame_mask)
+    g = torch.Generator().manual_seed(3)
+    torch.randint(1000, (3,), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    weight = (~out.frame_mask).float()[:, None, :, None, None]
+    v = v_from_x0_eps(z0, eps, SCHEDULE.at(fixed / 999))
+    want = (v.square() * weight).sum() / (weight.sum() * 8 * 16)
+    torch.testing.assert_close(out.loss, want)
+
+
 def test_condition_dropout():
     z0 = torch.randn(3, 8, 5, 4, 4)
     cond = Conditioning(labels=torch.tensor([1, 2, 3]), text=torch.randn(3, 4, 16))

@@ -58,6 +58,7 @@ def diffusion_loss(
     lowres: Tensor | None = None,
     generator: torch.Generator | None = None,
     lockstep: bool = False,
+    step: Tensor | None = None,
 ) -> LossOutput:
     """v-prediction MSE of `net(x_in, t, cond)` on clean latents z0 (B, c, T, h, w).
 
@@ -67,13 +68,16 @@ def diffusion_loss(
     `p_cond_drop`); guidance at sampling should drop the same ones. `generator` makes every
     random draw (t, noise, masks, dropout) reproducible. `lockstep`: every rank must run the
     same forward passes whatever its draws (FSDP, where each forward gathers weights from all
-    ranks), so the self-conditioning pass is never skipped.
+    ranks), so the self-conditioning pass is never skipped. `step` (B,) fixes each sample's
+    diffusion step (0..N-1) instead of drawing it (a probe of the loss at chosen noise levels);
+    the draw is still made, so the noise and masks are the same with or without it.
     """
     cond = cond if cond is not None else Conditioning()
     b, _, frames = z0.shape[:3]
     device = z0.device
 
-    step = torch.randint(schedule.num_steps, (b,), generator=generator, device=device)
+    drawn = torch.randint(schedule.num_steps, (b,), generator=generator, device=device)
+    step = drawn if step is None else step.to(device=device, dtype=drawn.dtype)
     t = step.float() / (schedule.num_steps - 1)  # (B,)
     alpha_bar = schedule.at(t)
     eps = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
