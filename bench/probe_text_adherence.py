@@ -51,7 +51,7 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def heldout_clips(
+def shapes_clips(
     recipe: str, num: int, frames: int, height: int, width: int, split: str = "heldout"
 ):
     """A split of the recipe's shapes data with `data.shapes.holdout` on (a ShapesDataset) at
@@ -250,7 +250,7 @@ def main() -> None:
     rows = []
     if args.model is not None and not args.no_sample:
         # The captions do not depend on the clip size (only the paths do).
-        scenes = heldout_clips(args.recipe, args.offset + args.num, 1, 8, 8)
+        scenes = shapes_clips(args.recipe, args.offset + args.num, 1, 8, 8)
         captions = [scenes.scene(i).caption for i in picked]
         videos = _generate(args, captions)
         n, t, h, w, _ = videos.shape
@@ -268,7 +268,7 @@ def main() -> None:
         )
     else:
         t, h, w = args.frames or 17, args.size, args.size
-    ds = heldout_clips(args.recipe, args.offset + args.num, t, h, w)
+    ds = shapes_clips(args.recipe, args.offset + args.num, t, h, w)
     real = [tensor_to_frames(_degrade(ds[i]["video"], args.blur, args.noise, i)) for i in picked]
     real_captions = [ds.scene(i).caption for i in picked]
     with _one_thread():

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ scripts, for the probe's split
 
-from probe_text_adherence import heldout_clips  # noqa: E402
+from probe_text_adherence import shapes_clips  # noqa: E402
 
 
 def _clips(args, frames: int, height: int, width: int):
@@ -42,10 +42,10 @@ def _clips(args, frames: int, height: int, width: int):
     import torch
 
     if args.split == "heldout":
-        ds = heldout_clips(args.recipe, args.num, frames, height, width)
+        ds = shapes_clips(args.recipe, args.num, frames, height, width)
         picked = range(args.num)
     else:
-        ds = heldout_clips(args.recipe, args.num * 8, frames, height, width, split=args.split)
+        ds = shapes_clips(args.recipe, args.num * 8, frames, height, width, split=args.split)
         picked = [i for i in range(len(ds)) if " and " not in ds.scene(i).caption][: args.num]
         if len(picked) < args.num:
             raise SystemExit(f"only {len(picked)} one-object clips in the first {len(ds)}")
