@@ -218,10 +218,10 @@ def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """Image files of one size (a frame folder) as uint8 (N, H, W, 3) RGB.
 
     PNG frames, what `walt eval-fvd --model` and the bench scripts write, are decoded by one
-    ffmpeg process for the whole list: a process per file costs ~0.1 s of start-up, ~12x the
-    decoding of a 128x128 frame (measured: 17 frames in 0.15 s instead of 1.8 s). Sizes are read
-    from the PNG headers first, so frames of different sizes are still refused. Anything else
-    (JPEG, ..., or a failed batch call) is decoded file by file with `read_image`.
+    ffmpeg process for the whole list, where a process per file spends most of its time
+    starting (17 frames of 128x128: 0.073 s instead of 1.038 s, 14x; `bench/bench_frame_folders.py`
+    on 2 CPU cores). Sizes are read from the PNG headers first, so frames of different sizes are
+    still refused. Anything else (JPEG, ..., or a failed batch call) is decoded file by file.
     """
     paths = [Path(p) for p in paths]
     if not paths:
