@@ -132,14 +132,26 @@ def test_static_empty_and_bad_input():
         score_batch(np.zeros((2, 9, 64, 64, 3), dtype=np.uint8), ["a red circle moving left"])
 
 
-def test_bench_model_mode_scores_what_the_pipeline_returns(monkeypatch, capsys):
-    """`bench/probe_text_adherence.py --model` asks the pipeline for one sample per held-out
-    caption with fixed seeds and scores it beside the real clips. The pipeline here is a stand-in
-    that draws nothing: the model row reads no object, the real row every one."""
+def _load_bench(monkeypatch, name: str, pipeline):
+    """bench/NAME.py as a module, with `walt_cli.pipelines.Pipeline` replaced by a stand-in."""
     import importlib.util
     import sys
     import types
     from pathlib import Path
+
+    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=pipeline))
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_model_mode_scores_what_the_pipeline_returns(monkeypatch, capsys):
+    """`bench/probe_text_adherence.py --model` asks the pipeline for one sample per held-out
+    caption with fixed seeds and scores it beside the real clips. The pipeline here is a stand-in
+    that draws nothing: the model row reads no object, the real row every one."""
+    import sys
 
     calls = []
 
@@ -153,11 +165,7 @@ def test_bench_model_mode_scores_what_the_pipeline_returns(monkeypatch, capsys):
             calls.append(("generate", list(prompts), list(seeds), kwargs))
             return torch.full((len(prompts), 5, 32, 32, 3), 12, dtype=torch.uint8)  # black
 
-    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=Blank))
-    path = Path(__file__).resolve().parent.parent / "bench" / "probe_text_adherence.py"
-    spec = importlib.util.spec_from_file_location("probe_text_adherence", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench(monkeypatch, "probe_text_adherence", Blank)
     argv = ["x", "--model", "default", "--num", "6", "--batch", "4", "--steps", "3"]
     monkeypatch.setattr(sys, "argv", [*argv, "--guidance", "2,1", "--seed", "10"])
     bench.main()
@@ -186,10 +194,7 @@ def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch
     the model's tokenizer, at the model's clip size, and samples nothing. Here the stand-in's
     tokenizer keeps the clip (the row equals the real one) or blanks it (the row reads nothing);
     a part the model does not have is refused."""
-    import importlib.util
     import sys
-    import types
-    from pathlib import Path
 
     from walt_cli.errors import WaltError
 
@@ -213,11 +218,7 @@ def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch
         def generate(self, **kwargs):
             raise AssertionError("--no-sample draws no sample")
 
-    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=Standin))
-    path = Path(__file__).resolve().parent.parent / "bench" / "probe_text_adherence.py"
-    spec = importlib.util.spec_from_file_location("probe_text_adherence", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench(monkeypatch, "probe_text_adherence", Standin)
     argv = ["x", "--model", "m", "--num", "4", "--through", "tokenizer", "--no-sample"]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
@@ -240,10 +241,8 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
     """`bench/probe_text_sensitivity.py` takes the loss of every caption variant under the same
     diffusion times and noise. A stand-in net that reads the colour word alone shows a gap where
     the colour changes (swapped, shuffled, no caption) and exactly none for the other swaps."""
-    import importlib.util
     import sys
     import types
-    from pathlib import Path
 
     from walt_cli.diffusion.schedules import make_schedule
 
@@ -275,11 +274,7 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
         def encode(self, video):
             return video[:, :, :, ::8, ::8]  # (B, 3, 5, 4, 4)
 
-    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=Standin))
-    path = Path(__file__).resolve().parent.parent / "bench" / "probe_text_sensitivity.py"
-    spec = importlib.util.spec_from_file_location("probe_text_sensitivity", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench(monkeypatch, "probe_text_sensitivity", Standin)
     argv = ["x", "--model", "m", "--num", "12", "--repeats", "2", "--times", "random,0.9"]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
