@@ -90,9 +90,9 @@ def _times(text: str) -> list[float | None]:
         if tok == "random":
             out.append(None)
             continue
-        t = float(tok)
+        t = float(tok)  # ValueError: main() turns it into a usage error
         if not 0.0 <= t <= 1.0:
-            raise SystemExit(f"--times: {t} is outside [0, 1]")
+            raise ValueError(f"{t} is outside [0, 1]")
         out.append(t)
     return out
 
@@ -121,6 +121,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.num < 2 or args.repeats < 1:
         ap.error("--num must be >= 2 and --repeats >= 1")
+    try:
+        times = _times(args.times)
+    except ValueError as err:
+        ap.error(f"--times {args.times!r}: {err} (want 'random' or t in [0, 1], comma-separated)")
 
     import torch
 
@@ -145,7 +149,6 @@ def main() -> None:
         variants |= {f"{a} swapped": [swap_attribute(c, a) for c in captions] for a in ATTRIBUTES}
         variants["shuffled (another clip's)"] = captions[1:] + captions[:1]
         variants["no caption"] = [""] * len(captions)
-        times = _times(args.times)
         steps = [None if t is None else round(t * (pipe.schedule.num_steps - 1)) for t in times]
         losses = {}
         for name, caps in variants.items():
