@@ -339,6 +339,24 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny, tmp_path):
         CausalVideoTokenizer.from_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_read_metadata_is_load_weights_without_the_tensors(tiny, tmp_path):
+    from walt_cli.models.checkpoint import load_weights, read_metadata
+
+    good = save_weights(
+        tmp_path / "good.safetensors", tiny, kind="tokenizer", config=tiny.config,
+        extra={"encoder_of": "abc"},
+    )  # fmt: skip
+    config, _, extra = load_weights(good, kind="tokenizer")
+    assert read_metadata(good, kind="tokenizer") == (config, extra) == (tiny.config, extra)
+    assert extra == {"encoder_of": "abc"}
+    with pytest.raises(WaltError, match="holds a 'tokenizer' model, expected a 'walt-transformer'"):
+        read_metadata(good, kind="walt-transformer")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:6])
+    with pytest.raises(WaltError, match="cut.safetensors: not a readable safetensors"):
+        read_metadata(cut, kind="tokenizer")
+
+
 def test_mismatched_checkpoint_is_a_clear_error(tiny, tmp_path):
     # Weights of `tiny` under the config of a wider model.
     wrong = save_weights(

@@ -50,53 +50,40 @@ def save_weights(
     return path
 
 
-def _check_meta(path: Path, meta: dict[str, str], kind: str) -> tuple[dict, dict]:
-    found = meta.get("walt.kind")
-    if found is None or "walt.config" not in meta:
-        raise WaltError(f"{path}: not a walt checkpoint (no architecture config in its metadata)")
-    if found != kind:
-        raise WaltError(f"{path}: holds a {found!r} model, expected a {kind!r} model")
-    return json.loads(meta["walt.config"]), json.loads(meta.get("walt.extra", "{}"))
-
-
-def _open(path: str | os.PathLike):
+def _read(
+    path: str | os.PathLike, kind: str, *, tensors: bool
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WaltError(f"{path}: checkpoint not found")
-    return path, safe_open(str(path), framework="pt")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
+    except Exception as err:  # safetensors raises SafetensorError / OSError on bad headers
+        raise WaltError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    found = meta.get("walt.kind")
+    if found is None or "walt.config" not in meta:
+        raise WaltError(f"{path}: not a walt checkpoint (no architecture config in its metadata)")
+    if found != kind:
+        raise WaltError(f"{path}: holds a {found!r} model, expected a {kind!r} model")
+    return json.loads(meta["walt.config"]), state, json.loads(meta.get("walt.extra", "{}"))
 
 
 def load_weights(
     path: str | os.PathLike, *, kind: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by `save_weights`: (config, state dict, extra). Clear errors otherwise."""
-    try:
-        path, handle = _open(path)
-        with handle as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except WaltError:
-        raise
-    except Exception as err:  # safetensors raises SafetensorError / OSError on bad headers
-        raise WaltError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    config, extra = _check_meta(path, meta, kind)
-    return config, state, extra
+    return _read(path, kind, tensors=True)
 
 
 def read_metadata(path: str | os.PathLike, *, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, extra) of a file written by `save_weights`, from its header alone: no tensor is
     read. The same checks and errors as `load_weights`."""
-    try:
-        path, handle = _open(path)
-        with handle as f:
-            meta = f.metadata() or {}
-    except WaltError:
-        raise
-    except Exception as err:  # a corrupt or truncated header
-        raise WaltError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    return _check_meta(path, meta, kind)
+    config, _, extra = _read(path, kind, tensors=False)
+    return config, extra
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
