@@ -36,7 +36,7 @@ def _system(recipe, stage: str):
     from walt_cli.plan import _tokenizer_shape
     from walt_cli.systems.common import DiffusionSystem, section_kwargs
 
-    if stage == "tokenizer":
+    if stage in ("tokenizer", "decoder"):
         from walt_cli.models.tokenizer import CausalVideoTokenizer
         from walt_cli.systems.tokenizer import TokenizerSystem
 
@@ -44,9 +44,10 @@ def _system(recipe, stage: str):
         system = TokenizerSystem(
             CausalVideoTokenizer.from_preset(k.preset),
             stage_dir="unused",
-            **section_kwargs(k, TokenizerSystem),
+            **{**section_kwargs(k, TokenizerSystem), "freeze_encoder": stage == "decoder"},
         ).train()
         opt_g, opt_d = system.configure_optimizers()[0]
+        gen = [p for p in system.tokenizer.parameters() if p.requires_grad]
 
         def make_batch(b: int):
             return torch.rand(b, 3, d.num_frames, *d.resolution) * 2 - 1
@@ -60,13 +61,15 @@ def _system(recipe, stage: str):
             opt_g.step()
             system.discriminator.requires_grad_(True)
             system.ema.update_parameters(system.tokenizer)
-            system.tokenizer.requires_grad_(False)
+            for p in gen:  # what toggle_optimizer(opt_d) does; a frozen encoder stays frozen
+                p.requires_grad_(False)
             d_terms = system.discriminator_losses([x], recons, True)
             opt_d.zero_grad(set_to_none=True)
             d_terms["d_loss"].backward()
             torch.nn.utils.clip_grad_norm_(system.discriminator.parameters(), 1.0)
             opt_d.step()
-            system.tokenizer.requires_grad_(True)
+            for p in gen:
+                p.requires_grad_(True)
 
         return system, make_batch, step
 
@@ -161,7 +164,7 @@ def main(argv: list[str]) -> None:
     for case in cases:
         stage, batch, ckpt = case.split(":")
         overrides = []
-        if stage != "tokenizer":
+        if stage not in ("tokenizer", "decoder"):
             key = "base" if stage == "base" else f"sr.{int(stage[2:]) - 1}"
             overrides.append(f"{key}.gradient_checkpointing={ckpt == '1'}")
         recipe = load_recipe(recipe_path, overrides)

@@ -20,7 +20,7 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 
 # stage:batch:checkpointing. Batches large enough that the step's memory (40 to 210 MiB)
 # stands well above what a process's resident set moves by on its own.
-FAST_CASES = ["tokenizer:2:0", "base:96:0", "base:96:1", "sr1:48:1"]
+FAST_CASES = ["tokenizer:2:0", "decoder:2:0", "base:96:0", "base:96:1", "sr1:48:1"]
 # (base at batch 32, ~42 MiB, measured 40-47 MiB from run to run under load: too close to the
 # resident set's own noise for a 15% bound; 64 doubles the step's share.)
 ALL_CASES = [*FAST_CASES, "tokenizer:4:0", "base:64:0", "sr1:48:0", "sr1:16:0"]
@@ -52,12 +52,16 @@ def check_memory(cases: list[str]) -> dict[str, int]:
     for case in cases:
         stage, batch, ckpt = case.split(":")
         model = models.setdefault(stage, stage_model(recipe, stage))
-        predicted = simulate(model, int(batch), None if stage == "tokenizer" else ckpt == "1")
+        predicted = simulate(
+            model, int(batch), None if stage in ("tokenizer", "decoder") else ckpt == "1"
+        )
         errors[case] = (predicted.peak - measured[case]) / measured[case]
     report = {k: f"{v:+.1%} of {measured[k] / 2**20:.0f} MiB" for k, v in errors.items()}
     assert all(abs(e) <= 0.15 for e in errors.values()), report
     # checkpointing lowers the measured peak, as predicted
     assert measured["base:96:1"] < 0.5 * measured["base:96:0"]
+    # a frozen encoder keeps no activations, gradients or optimizer state
+    assert measured["decoder:2:0"] < measured["tokenizer:2:0"]
     return measured
 
 
@@ -72,7 +76,7 @@ def test_predicted_peak_memory_at_more_batch_sizes() -> None:
     assert measured["tokenizer:4:0"] > measured["tokenizer:2:0"]
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "base", "sr1"])
+@pytest.mark.parametrize("stage", ["tokenizer", "decoder", "base", "sr1"])
 def test_flops_match_torch_flop_counter(stage: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -161,7 +165,7 @@ def test_command_table_json_and_ci_verdict(tmp_path: Path) -> None:
     [
         (["--gpu", "GTX 480"], "unknown GPU"),
         (["--stage", "sr2"], "sr1..sr1"),
-        (["--stage", "decoder"], "--stage must be"),
+        (["--stage", "vae"], "--stage must be"),
         (["--strategy", "deepspeed"], "--strategy"),
         (["--memory", "-1"], "--memory"),
     ],

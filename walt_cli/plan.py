@@ -220,9 +220,10 @@ class StageModel:
 
 
 def parse_stage(recipe, stage: str | None) -> str:
-    """'tokenizer', 'base' or 'srN' (default: base), checked against the recipe."""
+    """'tokenizer', 'decoder' (`walt tokenize train --decoder`), 'base' or 'srN' (default:
+    base), checked against the recipe."""
     stage = (stage or "base").strip().lower()
-    if stage in ("tokenizer", "base"):
+    if stage in ("tokenizer", "decoder", "base"):
         return stage
     if stage.startswith("sr") and stage[2:].isdigit():
         n = int(stage[2:])
@@ -230,7 +231,7 @@ def parse_stage(recipe, stage: str | None) -> str:
             have = f"sr1..sr{len(recipe.sr)}" if recipe.sr else "no SR stages"
             raise WaltError(f"--stage {stage}: the recipe has {have}")
         return stage
-    raise WaltError(f"--stage must be tokenizer, base or srN, got {stage!r}")
+    raise WaltError(f"--stage must be tokenizer, decoder, base or srN, got {stage!r}")
 
 
 def _tokenizer_shape(recipe):
@@ -350,7 +351,9 @@ def _denoiser(recipe, stage: str, depth: int | None = None) -> StageModel:
     return model
 
 
-def _tokenizer(recipe) -> StageModel:
+def _tokenizer(recipe, decoder: bool = False) -> StageModel:
+    """The tokenizer's training step; `decoder`: the decoder fine-tune's, whose frozen encoder
+    has no gradients, optimizer state or saved activations."""
     import torch
 
     from walt_cli.systems.tokenizer import TokenizerSystem
@@ -360,7 +363,7 @@ def _tokenizer(recipe) -> StageModel:
     from walt_cli.systems.common import section_kwargs
 
     kwargs = section_kwargs(k, TokenizerSystem)
-    kwargs.update(perceptual="none", perceptual_path=None)
+    kwargs.update(perceptual="none", perceptual_path=None, freeze_encoder=decoder)
     with torch.device("meta"):
         tok = CausalVideoTokenizer.from_preset(k.preset)
         system = TokenizerSystem(tok, stage_dir="plan", **kwargs)
@@ -374,7 +377,7 @@ def _tokenizer(recipe) -> StageModel:
     elif k.perceptual == "lpips" and k.perceptual_weight > 0:
         notes.append("the LPIPS network (a TorchScript file) is not counted")
     system.train()
-    gen = [p for p in tok.parameters()]
+    gen = [p for p in tok.parameters() if p.requires_grad]  # the decoder's alone under --decoder
     disc = [p for p in system.discriminator.parameters()]
     adversarial = k.disc_start < k.max_steps and k.gan_weight > 0
     t, (hh, ww) = d.num_frames, d.resolution
@@ -390,11 +393,13 @@ def _tokenizer(recipe) -> StageModel:
             return terms["g_loss"], gen
 
         def discriminator():  # the worst step: with the lazy r1 term
-            tok.requires_grad_(False)
+            for p in gen:
+                p.requires_grad_(False)
             terms = system.discriminator_losses(
                 [held.pop("x")], held.pop("recons"), k.r1_weight > 0
             )
-            tok.requires_grad_(True)
+            for p in gen:
+                p.requires_grad_(True)
             return terms["d_loss"], disc
 
         return [generator, discriminator] if adversarial else [generator]
@@ -402,7 +407,7 @@ def _tokenizer(recipe) -> StageModel:
     blocks = [m for m in tok.modules() if type(m).__name__ == "ResBlock3d"]
     block = max((_param_bytes(b.parameters()) for b in blocks), default=0)
     model = StageModel(
-        name="tokenizer",
+        name="decoder" if decoder else "tokenizer",
         key="tokenizer",
         batch_key="data.batch_size",
         batch=d.batch_size,
@@ -413,6 +418,7 @@ def _tokenizer(recipe) -> StageModel:
         checkpointing=None,
         describe=f"{k.preset}: input (3, {t}, {hh}, {ww}), latent ({tok.latent_channels}, "
         f"{tok.num_latent_frames(t)}, {hh // tok.spatial_factor}, {ww // tok.spatial_factor})"
+        + (", encoder frozen" if decoder else "")
         + (", discriminator" if adversarial else ""),
         block_bytes=block,
         grid=(3, t, hh, ww),
@@ -422,14 +428,16 @@ def _tokenizer(recipe) -> StageModel:
         make_step=make_step,
     )
     model.flops_per_sample = tokenizer_flops(
-        tok, system.discriminator if adversarial else None, (t, hh, ww)
+        tok, system.discriminator if adversarial else None, (t, hh, ww), decoder=decoder
     )
     return model
 
 
 def stage_model(recipe, stage: str) -> StageModel:
     stage = parse_stage(recipe, stage)
-    return _tokenizer(recipe) if stage == "tokenizer" else _denoiser(recipe, stage)
+    if stage in ("tokenizer", "decoder"):
+        return _tokenizer(recipe, decoder=stage == "decoder")
+    return _denoiser(recipe, stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,11 +687,13 @@ def _embedder_flops(net, frames: int, text_len: int) -> float:
     return total
 
 
-def tokenizer_flops(tok, disc, shape: tuple[int, int, int]) -> float:
+def tokenizer_flops(tok, disc, shape: tuple[int, int, int], *, decoder: bool = False) -> float:
     """Training FLOPs per sample of the tokenizer, from its module structure (`_conv_flops`).
 
     Generator: forward, input gradients of every layer but the first (its input, the clip,
-    needs none) and weight gradients: 3F - F_first. Discriminator, in the generator's step on
+    needs none) and weight gradients: 3F - F_first. With a frozen encoder (`decoder`): the
+    encoder's forward E, and 3D - D_first for the decoder D, whose input, the latent, needs no
+    gradient either. Discriminator, in the generator's step on
     the reconstruction (weights frozen): forward + input gradients, 2D; in its own step on the
     real and the fake clip: forward, weight gradients of its convolutions (not of the blur
     pooling, which has none) and input gradients of all but the first layer, 2 (3D - D_blur -
@@ -691,14 +701,21 @@ def tokenizer_flops(tok, disc, shape: tuple[int, int, int]) -> float:
     are not counted."""
     g, g_first, _ = _conv_flops(tok, shape)
     total = 3 * g - g_first
+    if decoder:
+        e = _conv_flops(tok.encoder, shape)[0]
+        latent = (tok.num_latent_frames(shape[0]), *(x // tok.spatial_factor for x in shape[1:]))
+        d_first = _conv_flops(tok.decoder, latent, channels=tok.latent_channels)[1]
+        total = e + 3 * (g - e) - d_first
     if disc is not None:
         d, d_first, blur = _conv_flops(disc, shape)
         total += 2 * d + 2 * (3 * d - blur - d_first)
     return float(total)
 
 
-def _conv_flops(module, shape: tuple[int, int, int]) -> tuple[float, float, float]:
-    """Forward FLOPs of `module` on one (3, T, H, W) clip from a meta forward with hooks:
+def _conv_flops(
+    module, shape: tuple[int, int, int], channels: int = 3
+) -> tuple[float, float, float]:
+    """Forward FLOPs of `module` on one (channels, T, H, W) input from a meta forward with hooks:
     (all, the first convolution's, the blur pooling's). A convolution or linear layer costs
     2 x output elements x fan-in; the discriminator's blur pooling is the depthwise 4-tap
     convolution it is, once per axis it halves."""
@@ -735,7 +752,7 @@ def _conv_flops(module, shape: tuple[int, int, int]) -> tuple[float, float, floa
     ]
     try:
         with torch.no_grad():
-            module(torch.empty(1, 3, *shape, device="meta"))
+            module(torch.empty(1, channels, *shape, device="meta"))
     finally:
         for h in handles:
             h.remove()

@@ -14,7 +14,11 @@ def plan(
     overrides: list[str] | None = typer.Argument(
         None, help="key.path=value overrides, e.g. base.batch_size=16.", show_default=False
     ),
-    stage: str = typer.Option("base", "--stage", help="tokenizer, base or srN."),
+    stage: str = typer.Option(
+        "base",
+        "--stage",
+        help="tokenizer, decoder (walt tokenize train --decoder: encoder frozen), base or srN.",
+    ),
     gpu: str | None = typer.Option(
         None, "--gpu", help="A GPU by name (H100, A100-40GB, RTX 4090, ...).", show_default=False
     ),

@@ -493,7 +493,7 @@ def train_tokenizer(
                         f"{recipe.trainer.accelerator}: {recipe.trainer.devices} x {recipe.trainer.num_nodes} node(s), {recipe.trainer.strategy}",
                     ),
                     ("output", str(stage_dir)),
-                    *startup_rows(recipe, "tokenizer"),
+                    *startup_rows(recipe, DECODER_STAGE if decoder else "tokenizer"),
                 ],
             )
         )
