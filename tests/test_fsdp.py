@@ -1,7 +1,8 @@
-"""The base model under `trainer.strategy=fsdp` on 2 gloo processes (CPU), started as torchrun
-starts them (ranks from the environment): training with activation checkpointing per block,
-previews that every rank takes part in, checkpoints (full and sharded) that resume, an EMA
-that follows the shards, and exported weights that load into a full model."""
+"""The base model and an SR stage under `trainer.strategy=fsdp` on 2 gloo processes (CPU),
+started as torchrun starts them (ranks from the environment): training with activation
+checkpointing per block, previews that every rank takes part in, checkpoints (full and sharded)
+that resume, an EMA that follows the shards, and exported weights that load into a full
+model."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_base_training import encoded
+from test_sr_training import sr_encoded
 from training_helpers import read_metrics, run_ranks, tiny
 
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT
 from walt_cli.runio import torch_load
 from walt_cli.systems.base import train_base
+from walt_cli.systems.sr import train_sr
 from walt_cli.systems.tokenizer import train_tokenizer
 
 RANKS = ["trainer.devices=2", "trainer.accelerator=cpu"]
@@ -101,3 +104,30 @@ def test_fsdp_equals_ddp_and_sharded_checkpoints_resume(tmp_path: Path):
     diff = torch.cat([(fsdp_ema[k] - ddp_ema[k]).abs().flatten() for k in ddp_ema])
     assert float(diff.mean()) < 1e-5, float(diff.mean())
     assert float(diff.max()) < 3e-3, float(diff.max())
+
+
+def test_sr_fsdp_trains_previews_resumes_and_exports(tmp_path: Path):
+    """SR stage 1 (low-res latents and noise-level conditioning beside the base's inputs)
+    under FSDP: previews by rank zero, a resume that continues the step count, and an export
+    that is the gathered EMA and loads with its SR metadata."""
+    sr = [*FSDP, "data.image_ratio=0", "trainer.checkpoint_every=1"]
+    sr += ["sr.0.preview_every=2", "sr.0.gradient_checkpointing=true"]
+    sr_encoded(tmp_path)
+    run_ranks(partial(train_sr, stage=1, progress=False), tiny(tmp_path, *sr, "sr.0.max_steps=2"))
+    run_ranks(partial(train_sr, stage=1, progress=False), tiny(tmp_path, *sr, "sr.0.max_steps=3"))
+    stage = tmp_path / "run" / "sr1"
+    rows = read_metrics(stage / "metrics.csv")
+    assert [r["step"] for r in rows] == ["1", "2", "3"]  # each step once, across the resume
+    # every preview_every steps and at the last step, each once (by rank zero)
+    previews = sorted(p.name for p in (stage / "previews").iterdir())
+    assert previews == [f"step-000000{i}.{ext}" for i in (2, 3) for ext in ("json", "mp4")]
+    ckpt = torch_load(stage / "last.ckpt")
+    assert int(ckpt["state_dict"]["step"]) == 3
+    model = WALT.from_checkpoint(stage / "sr1.safetensors")
+    assert model.lowres_factor == 2 and model.noise_embed is not None
+    assert model.checkpoint_extra["stage"] == 1
+    ema = _weights(ckpt["state_dict"], "ema.module.")
+    exported = model.state_dict()
+    assert exported.keys() == ema.keys()
+    for k, v in exported.items():
+        assert torch.equal(v, ema[k]), k  # the export is the full, gathered EMA
