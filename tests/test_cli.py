@@ -38,6 +38,20 @@ def test_help_lists_commands_with_examples(cli):
         assert re.search(r"Examples?:\s+walt " + " ".join(path), text), (
             f"`walt {' '.join(path)}` help has no example"
         )
+        # Rich keeps single line breaks: each paragraph must be one line, wrapped by Rich
+        assert all("\n" not in p for p in text.split("\n\n")), f"`walt {' '.join(path)}`"
+
+
+def test_help_paragraphs_wrap_to_the_terminal(cli):
+    """A docstring paragraph wrapped at 100 columns in the source is one line in a wide
+    terminal, not broken where the source broke it."""
+    from typer.testing import CliRunner
+
+    from walt_cli.cli import app
+
+    out = CliRunner().invoke(app, ["train-sr", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--sr N` (runs/<name>/latents/srN/). Writes runs/<name>/srN/: last.ckpt" in out
+    assert "srN.safetensors (EMA weights + config +" in out
 
 
 def test_version(cli):

@@ -9,6 +9,7 @@ command functions; they are registered here and nowhere else.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import typer
@@ -75,6 +76,30 @@ app.command("animate", epilog=generate_cmds.DEFAULT_MODEL_EPILOG)(generate_cmds.
 app.command("export")(generate_cmds.export)
 app.command("eval-fvd")(eval_cmds.eval_fvd)
 app.command("plan")(plan_cmds.plan)
+
+
+def _reflow(text: str | None) -> str | None:
+    """Each paragraph of a help text on one line."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def _reflow_help(group: typer.Typer) -> None:
+    """Typer's Rich help (rich_markup_mode "rich") keeps a docstring's single line breaks, so a
+    paragraph wrapped at 100 columns in the source came out as 80-column lines broken
+    mid-sentence; with each paragraph on one line Rich wraps it to the terminal.
+    rich_markup_mode="markdown" would reflow too, but reads the `<name>` of the paths in our
+    help texts as HTML tags and their `*` and `_` as emphasis."""
+    for command in group.registered_commands:
+        command.help = _reflow(command.help or command.callback.__doc__)
+    for sub in group.registered_groups:
+        sub.typer_instance.info.help = _reflow(sub.typer_instance.info.help)
+        _reflow_help(sub.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

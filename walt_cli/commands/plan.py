@@ -44,9 +44,11 @@ def plan(
         show_default=False,
     ),
 ) -> None:
-    """Plan a training stage: parameters; per-device memory (weights, gradients, optimizer
-    state, EMA, activations, transients) for DDP and FSDP; FLOPs per sample and the step time
-    they imply on a GPU; whether it fits, and the smallest change that does.
+    """Plan a training stage: memory per device, FLOPs, step time; the smallest change that fits.
+
+    It prints the parameters; per-device memory (weights, gradients, optimizer state, EMA,
+    activations, transients) for DDP and FSDP; FLOPs per sample and the step time they imply on
+    a GPU; whether it fits, and the smallest change that does.
 
     Memory comes from running a training step of the stage's real networks on PyTorch's meta
     device (shapes, no data): nothing is allocated and no GPU is needed. The numbers are
