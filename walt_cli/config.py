@@ -86,6 +86,9 @@ class TrainerConfig:
     num_workers: int = 2
     log_every: int = 50  # steps between logged metrics
     checkpoint_every: int = 1000  # steps between checkpoints (last.ckpt is always kept)
+    # loggers beside metrics.csv (always written): tensorboard (<stage>/tensorboard/ event files;
+    # needs `pip install tensorboard`)
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -495,6 +498,7 @@ HALF_WEIGHTS = ("bf16-true", "16-true", "bf16", "16", "transformer-engine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device", "fsdp")
 FSDP_CHECKPOINTS = ("full", "sharded")
+LOGGERS = ("tensorboard",)  # trainer.loggers
 
 
 def _check_optimisation(section, name: str, source: str) -> None:
@@ -583,6 +587,13 @@ def _validate_trainer(t: TrainerConfig, source: str) -> None:
     _check(t.num_workers >= 0, source, "trainer.num_workers", "must be >= 0")
     _check(t.log_every >= 1, source, "trainer.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, source, "trainer.checkpoint_every", "must be >= 1")
+    for name in t.loggers:
+        _check(
+            name in LOGGERS,
+            source,
+            "trainer.loggers",
+            f"unknown logger {name!r} (known: {', '.join(LOGGERS)}; metrics.csv is always written)",
+        )
 
 
 def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:

@@ -194,8 +194,9 @@ class StepCheckpoint(Callback):
         # metrics.csv first: once the checkpoint of a step is on disk, so is every row up to it
         # (flushed after the checkpoint, a kill in between lost the rows since the last flush;
         # rows of steps past the checkpoint are dropped on resume, `truncate_after`).
-        if hasattr(trainer.logger, "flush"):
-            trainer.logger.flush()
+        for logger in trainer.loggers:
+            if hasattr(logger, "flush"):
+                logger.flush()
         trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = step
         if self._exports(trainer):
@@ -203,8 +204,9 @@ class StepCheckpoint(Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.saved_step = int(module.step)  # a restored state is already on disk
-        if hasattr(trainer.logger, "truncate_after"):
-            trainer.logger.truncate_after(self.saved_step)  # rows a killed run logged after it
+        for logger in trainer.loggers:  # rows a killed run logged after it
+            if hasattr(logger, "truncate_after"):
+                logger.truncate_after(self.saved_step)
         if not self._exports(trainer):
             return
         # A kill between the checkpoint and the export left older weights: export again
@@ -244,8 +246,8 @@ def build_trainer(
     progress: bool = True,
     section=None,
 ):
-    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir`
-    (`section`: the diffusion stage's recipe section, which `trainer.strategy=fsdp` shards).
+    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir`, and the
+    loggers of `trainer.loggers` (`section`: the diffusion stage's recipe section, which `trainer.strategy=fsdp` shards).
 
     Steps are counted by the system (it stops the trainer at its own max_steps, and a
     `StepCheckpoint` among `callbacks` writes last.ckpt), because in manual optimisation
@@ -254,8 +256,11 @@ def build_trainer(
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar
 
+    from walt_cli.systems.tensorboard_log import extra_loggers
+
     t = recipe.trainer
     stage_dir = Path(stage_dir)
+    extra = extra_loggers(t.loggers, stage_dir)  # a missing package stops us before any write
     stage_dir.mkdir(parents=True, exist_ok=True)
     cbs = [*(callbacks or [])]
     if progress:
@@ -273,7 +278,7 @@ def build_trainer(
     with trainer_errors(t):
         trainer = L.Trainer(
             default_root_dir=stage_dir,
-            logger=MetricsCSV(stage_dir / "metrics.csv"),
+            logger=[MetricsCSV(stage_dir / "metrics.csv"), *extra],
             accelerator=t.accelerator,
             devices=devices,
             num_nodes=t.num_nodes,
@@ -294,6 +299,14 @@ def build_trainer(
             enable_progress_bar=progress,
         )
     return trainer
+
+
+def write_metrics(module, metrics: dict[str, float], step: int) -> None:
+    """A training system's metrics, keyed by its own step, to each of its loggers: a metrics.csv
+    row, flushed at once (a killed run keeps it), and the same to `trainer.loggers`."""
+    for logger in module.loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
 
 
 def section_kwargs(section, target) -> dict[str, Any]:
@@ -567,7 +580,7 @@ class DiffusionSystem(L.LightningModule):
                 "step %d: non-finite loss, step skipped (%d in a row)", step, self.guard.in_a_row
             )
             self._micro = 0  # the step's micro-batches so far are dropped with it
-            self._write_metrics({"train/skipped": float(self.guard.skipped)}, step)
+            write_metrics(self, {"train/skipped": float(self.guard.skipped)}, step)
             return None
         for key, value in {"train/loss": out.loss.detach() / k, **extra}.items():
             self._summed[key] = self._summed.get(key, 0.0) + value
@@ -605,7 +618,7 @@ class DiffusionSystem(L.LightningModule):
             if self._clock is not None and step > self._clock[0]:
                 metrics["train/steps_per_s"] = (step - self._clock[0]) / (now - self._clock[1])
             self._clock = (step, now)
-            self._write_metrics(metrics, step)
+            write_metrics(self, metrics, step)
         if (
             self.wants_preview()
             and (step % self.preview_every == 0 or step >= self.max_steps)
@@ -648,12 +661,6 @@ class DiffusionSystem(L.LightningModule):
                 opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
             )
         return grad_norm
-
-    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """metrics.csv rows keyed by the system's step, flushed at once (a killed run keeps them)."""
-        if self.logger is not None:
-            self.logger.log_metrics(metrics, step=step)
-            self.logger.save()
 
     # ---------------------------------------------------------------------------------------
     # Export and checkpoint extras (primitives only, so resuming loads with weights_only=True)

@@ -42,7 +42,13 @@ from walt_cli.losses.gan import LeCam, d_loss_nonsaturating, g_loss_nonsaturatin
 from walt_cli.losses.perceptual import build_perceptual, psnr, reconstruction_loss
 from walt_cli.models.discriminator import Discriminator3D
 from walt_cli.models.tokenizer import CausalVideoTokenizer
-from walt_cli.systems.common import NonFiniteGuard, ema_model, section_kwargs, warmup_cosine
+from walt_cli.systems.common import (
+    NonFiniteGuard,
+    ema_model,
+    section_kwargs,
+    warmup_cosine,
+    write_metrics,
+)
 from walt_cli.systems.parallel import SeparateDDP, ddp_unit, outside_system_ddp
 
 log = logging.getLogger("walt.tokenizer")
@@ -294,17 +300,11 @@ class TokenizerSystem(L.LightningModule):
             metrics["train/skipped"] = float(self.guard.skipped)
             metrics["train/video_clips"] = float((~batch["is_image"]).sum())
             metrics["train/image_packs"] = float(batch["is_image"].sum())
-            self._write_metrics(metrics, step)
+            write_metrics(self, metrics, step)
         return None
 
     def _log_skip(self, step: int) -> None:
-        self._write_metrics({"train/skipped": float(self.guard.skipped)}, step)
-
-    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """metrics.csv rows keyed by the system's step, flushed at once (a killed run keeps them)."""
-        if self.logger is not None:
-            self.logger.log_metrics(metrics, step=step)
-            self.logger.save()
+        write_metrics(self, {"train/skipped": float(self.guard.skipped)}, step)
 
     # ---------------------------------------------------------------------------------------
     # Validation: PSNR of the EMA model, a side-by-side preview, EMA weights exported
@@ -331,7 +331,7 @@ class TokenizerSystem(L.LightningModule):
             "val/recon": sum(self._val["recon"]) / len(self._val["recon"]),
         }
         self.log("val_psnr", metrics["val/psnr"], prog_bar=True, logger=False, sync_dist=True)
-        self._write_metrics(metrics, step)
+        write_metrics(self, metrics, step)
         if self.trainer.is_global_zero:
             self.export_ema()
 
