@@ -56,16 +56,21 @@ DECODER_CROPS := data.resolution=[64,64] data.random_crop=true data.shapes.rende
 	tokenizer.warmup_steps=20 tokenizer.val_every=100 tokenizer.val_batches=2 trainer.checkpoint_every=50
 # The SR stage learns a local map: 1024 clips of 128x128 pairs (encoding is the cost) suffice.
 SR_ITEMS := data.shapes.num_items=1024
+# Overrides for one stage, e.g. on a GPU: make default-model BASE_ARGS="base.max_steps=40000
+# base.batch_size=64" SR_ARGS="sr.0.max_steps=20000" (TOKENIZER_ARGS: both tokenizer steps).
+TOKENIZER_ARGS ?=
+BASE_ARGS ?=
+SR_ARGS ?=
 
 default-model:  ## train the shapes cascade on this machine (resumable) and export it into the package
-	walt tokenize train $(SHAPES) $(TOKENIZER_CROPS)
-	walt tokenize train $(SHAPES) --decoder $(DECODER_CROPS)
+	walt tokenize train $(SHAPES) $(TOKENIZER_CROPS) $(TOKENIZER_ARGS)
+	walt tokenize train $(SHAPES) --decoder $(DECODER_CROPS) $(TOKENIZER_ARGS)
 	walt tokenize encode $(SHAPES)
 	walt tokenize encode $(SHAPES) --split val
-	walt train-base $(SHAPES)
+	walt train-base $(SHAPES) $(BASE_ARGS)
 	walt tokenize encode $(SHAPES) --sr 1 $(SR_ITEMS)
 	walt tokenize encode $(SHAPES) --sr 1 --split val $(SR_ITEMS)
-	walt train-sr $(SHAPES) --stage 1 $(SR_ITEMS)
+	walt train-sr $(SHAPES) --stage 1 $(SR_ITEMS) $(SR_ARGS)
 	walt export $(DEFAULT_RUN) --out $(DEFAULT_OUT) --force
 
 # The README's quality figures of the default model (bench/eval_default_model.py): tokenizer PSNR,
