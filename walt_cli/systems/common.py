@@ -246,8 +246,9 @@ def build_trainer(
     progress: bool = True,
     section=None,
 ):
-    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir`, and the
-    loggers of `trainer.loggers` (`section`: the diffusion stage's recipe section, which `trainer.strategy=fsdp` shards).
+    """A Lightning Trainer for one stage: CSV metrics (`metrics.csv`) in `stage_dir` and the
+    loggers of `trainer.loggers` (`section`: the diffusion stage's recipe section, which
+    `trainer.strategy=fsdp` shards).
 
     Steps are counted by the system (it stops the trainer at its own max_steps, and a
     `StepCheckpoint` among `callbacks` writes last.ckpt), because in manual optimisation
