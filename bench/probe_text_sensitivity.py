@@ -21,6 +21,10 @@ training loss; a fixed t: that noise level alone, where t near 1 is where a samp
 the scene from the caption). A model that ignores a word has a gap of zero there, whatever it
 generates. It reads what the training objective learnt; `probe_text_adherence.py` reads what
 the sampler makes of it.
+
+The last column says how far each variant moves what the base stage reads: the text encoder's
+states, averaged over the caption's tokens, as the mean over clips of |swapped - true| / |true|.
+A word the encoder barely tells apart from its swap gives the base little to learn from.
 """
 
 from __future__ import annotations
@@ -150,30 +154,40 @@ def main() -> None:
         variants["shuffled (another clip's)"] = captions[1:] + captions[:1]
         variants["no caption"] = [""] * len(captions)
         steps = [None if t is None else round(t * (pipe.schedule.num_steps - 1)) for t in times]
-        losses = {}
+        losses, pooled = {}, {}
         for name, caps in variants.items():
             text, mask = pipe.text_encoder.encode(caps)
             if name == "no caption":
                 mask = torch.zeros_like(mask, dtype=torch.bool)  # what condition dropout trains
+            else:  # (N, D): the states averaged over each caption's real tokens
+                m = mask.to(text.dtype)[..., None]
+                pooled[name] = (text * m).sum(1) / m.sum(1)
             losses[name] = [
                 _losses(stage.net, pipe.schedule, z0, text, mask.bool(), args, step)
                 for step in steps
             ]
             print(f"{name}: done", file=sys.stderr)
     true = losses["true caption"]
+    ref_states = pooled["true caption"]
     heads = ["t random" if t is None else f"t = {t:g}" for t in times]
-    print("| caption | " + " | ".join(heads) + " |")
-    print("| --- |" + " ---: |" * len(heads))
-    print("| loss, true caption | " + " | ".join(f"{x.mean():.4f}" for x in true) + " |")
+    print("| caption | " + " | ".join(heads) + " | text states moved |")
+    print("| --- |" + " ---: |" * (len(heads) + 1))
+    print("| loss, true caption | " + " | ".join(f"{x.mean():.4f}" for x in true) + " | |")
     for name, per_time in list(losses.items())[1:]:
         cells = []
         for loss, ref in zip(per_time, true, strict=True):
             gap = (loss - ref).flatten() / ref.mean()
             cells.append(f"{gap.mean():+.1%} +- {gap.std() / math.sqrt(gap.numel()):.1%}")
+        if name in pooled:
+            moved = (pooled[name] - ref_states).norm(dim=-1) / ref_states.norm(dim=-1)
+            cells.append(f"{moved.mean():.1%}")
+        else:
+            cells.append("masked")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(
         "\nCells: mean of (loss - true-caption loss) over clips and draws, as a share of the mean "
-        "true-caption loss at that time, +- its standard error."
+        "true-caption loss at that time, +- its standard error. Text states moved: mean over "
+        "clips of |pooled states - true caption's| / |true caption's|."
     )
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(

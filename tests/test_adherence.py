@@ -284,11 +284,13 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
         if line.startswith("| ") and "---" not in line
     }
     assert list(rows)[:2] == ["caption", "loss, true caption"]
-    assert rows["caption"] == ["t random", "t = 0.9"]
+    assert rows["caption"] == ["t random", "t = 0.9", "text states moved"]
     for same in ("shape swapped", "direction swapped", "background swapped"):
-        assert rows[same] == ["+0.0% +- 0.0%"] * 2, same
+        assert rows[same] == ["+0.0% +- 0.0%"] * 2 + ["0.0%"], same
     for changed in ("colour swapped", "shuffled (another clip's)", "no caption"):
-        assert all(cell != "+0.0% +- 0.0%" for cell in rows[changed]), changed
+        assert all(cell != "+0.0% +- 0.0%" for cell in rows[changed][:2]), changed
+    # one-hot colour states: a swap moves them by |e_a - e_b| / |e_a| = sqrt(2)
+    assert rows["colour swapped"][2] == "141.4%" and rows["no caption"][2] == "masked"
     monkeypatch.setattr(sys, "argv", [*argv, "--cond-frames", "5"])
     with pytest.raises(WaltError, match="--cond-frames must be in 0..4, got 5"):
         bench.main()
