@@ -294,3 +294,25 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
     monkeypatch.setattr(sys, "argv", [*argv, "--cond-frames", "5"])
     with pytest.raises(WaltError, match="--cond-frames must be in 0..4, got 5"):
         bench.main()
+
+
+def test_bench_latent_tracks_reads_a_moving_blob_in_every_direction():
+    """`bench/check_latent_tracks.py` reads a blob's direction from latents alone: a 2x2 blob of
+    different channel values moving one cell per latent frame over a textured background."""
+    import importlib.util
+    from pathlib import Path
+
+    from walt_cli.data.shapes_vocab import DIRECTIONS
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "check_latent_tracks.py"
+    spec = importlib.util.spec_from_file_location("check_latent_tracks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    for name, (dx, dy) in DIRECTIONS.items():
+        step = (round(dx * 1.4), round(dy * 1.4))  # one cell a frame along each moving axis
+        z = 0.1 * torch.randn(8, 5, 16, 16, generator=g)  # (c, t, h, w) background
+        for k in range(5):
+            x, y = 7 + k * step[0], 7 + k * step[1]
+            z[:, k, y : y + 2, x : x + 2] += 3.0
+        assert bench.track_direction(z) == name, name
