@@ -99,7 +99,7 @@ class TensorBoardMetrics(Logger):
 def extra_loggers(names, stage_dir: Path) -> list[Logger]:
     """The loggers `trainer.loggers` names, for a stage writing into `stage_dir`."""
     out: list[Logger] = []
-    for name in names:
+    for name in dict.fromkeys(names):  # each once
         if name == "tensorboard":
             out.append(TensorBoardMetrics(Path(stage_dir) / "tensorboard"))
         else:  # load_recipe refuses these first
