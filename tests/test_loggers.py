@@ -55,9 +55,9 @@ def test_tensorboard_has_the_csv_rows_and_a_resume_drops_the_killed_steps(tmp_pa
     assert got[:2] == killed[:2]  # the steps before the checkpoint are kept
 
 
-def test_an_unknown_logger_is_one_line(cli):
+def test_an_unknown_logger_is_one_line(cli, tmp_path: Path):
     with pytest.raises(WaltError, match="trainer.loggers: unknown logger 'mlflow'"):
-        tiny(Path("/tmp"), "trainer.loggers=[mlflow]")
+        tiny(tmp_path, "trainer.loggers=[mlflow]")
     assert_one_line_error(
         cli("train-base", TINY, "trainer.loggers=[mlflow]"), "unknown logger 'mlflow'"
     )
