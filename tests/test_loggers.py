@@ -27,21 +27,26 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def test_tensorboard_has_the_csv_rows_and_a_resume_drops_the_killed_steps(tmp_path: Path):
-    """A run killed after logging step 3 with its checkpoint at step 2 resumes at 2: TensorBoard,
-    like metrics.csv, then shows each step once, with the rerun's values."""
+def _die_at(step: int):
+    """A callback that flushes every logger and kills the run after `step`."""
     import lightning as L
 
     class Die(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if int(module.step) == 3:
+            if int(module.step) == step:
                 for logger in trainer.loggers:
                     logger.flush()
                 raise RuntimeError("killed")
 
+    return Die()
+
+
+def test_tensorboard_has_the_csv_rows_and_a_resume_drops_the_killed_steps(tmp_path: Path):
+    """A run killed after logging step 3 with its checkpoint at step 2 resumes at 2: TensorBoard,
+    like metrics.csv, then shows each step once, with the rerun's values."""
     recipe = encoded(tmp_path, "base.max_steps=4", *COMMON)
     with pytest.raises(RuntimeError, match="killed"):
-        train_base(recipe, progress=False, callbacks=[Die()])
+        train_base(recipe, progress=False, callbacks=[_die_at(3)])
     stage = Path(recipe.run_dir) / "base"
     killed = scalars(stage / "tensorboard", "train/loss")
     assert [s for s, _ in killed] == [1, 2, 3]
@@ -53,6 +58,15 @@ def test_tensorboard_has_the_csv_rows_and_a_resume_drops_the_killed_steps(tmp_pa
     assert [s for s, _ in got] == [1, 2, 3, 4]  # step 3 once: the killed run's was purged
     assert got == pytest.approx(expected)
     assert got[:2] == killed[:2]  # the steps before the checkpoint are kept
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_tensorboard_again(tmp_path: Path):
+    recipe = encoded(tmp_path, "base.max_steps=2", *COMMON)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_base(recipe, progress=False, callbacks=[_die_at(1)])  # checkpoints come at 2
+    train_base(tiny(tmp_path, "base.max_steps=2", *COMMON), progress=False)
+    got = scalars(Path(recipe.run_dir) / "base" / "tensorboard", "train/loss")
+    assert [s for s, _ in got] == [1, 2]
 
 
 def test_an_unknown_logger_is_one_line(cli, tmp_path: Path):

@@ -75,9 +75,9 @@ class TensorBoardMetrics(Logger):
 
     @rank_zero_only
     def truncate_after(self, step: int) -> None:
-        """Events of steps after `step` (a killed run's, past its last checkpoint) are dropped
-        when the resumed run writes its first event."""
-        if self._writer is None and step > 0:
+        """Events of steps after `step` (a killed run's, past its last checkpoint, or all of a
+        run killed before its first one: step 0) are dropped when this run writes its first."""
+        if self._writer is None:
             self._purge_step = step + 1
 
     @rank_zero_only
