@@ -15,7 +15,6 @@ caption says and the confusion per direction.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def track_direction(z) -> str:
     """The caption direction nearest the main object's track in one clip's latents (c, t, h, w)."""
     import torch
 
-    from walt_cli.data.shapes_vocab import DIRECTIONS
+    from walt_cli.metrics.adherence import nearest_direction
 
     background = z.flatten(2).median(-1).values[:, :, None, None]  # (c, t, 1, 1)
     dist = (z - background).pow(2).sum(0)  # (t, h, w)
@@ -33,10 +32,7 @@ def track_direction(z) -> str:
     mass = dist.sum((1, 2))  # (t,)
     x = (dist * torch.arange(w, dtype=dist.dtype)).sum((1, 2)) / mass
     y = (dist * torch.arange(h, dtype=dist.dtype)[:, None]).sum((1, 2)) / mass
-    angle = math.atan2(float(y[-1] - y[0]), float(x[-1] - x[0]))  # image coordinates, y down
-    return max(
-        DIRECTIONS, key=lambda d: math.cos(angle - math.atan2(DIRECTIONS[d][1], DIRECTIONS[d][0]))
-    )
+    return nearest_direction(torch.stack([x[-1] - x[0], y[-1] - y[0]]))  # image axes, y down
 
 
 def main() -> None:
@@ -46,15 +42,16 @@ def main() -> None:
     args = ap.parse_args()
     from walt_cli.data.latents import LatentShards
     from walt_cli.data.shapes_vocab import DIRECTIONS
+    from walt_cli.metrics.adherence import parse_caption
 
     shards = LatentShards(args.latents)
     rows = shards.rows[: args.num]
     confusion: dict[str, dict[str, int]] = {d: {} for d in DIRECTIONS}
     for i, row in enumerate(rows):
         caption = row.get("caption") or ""
-        if " and " in caption or " moving " not in caption:
-            continue  # two objects, or no caption
-        said = caption.split(" moving ")[1].split()[0]
+        if not caption or " and " in caption:
+            continue  # no caption, or two objects
+        said = parse_caption(caption).direction
         read = track_direction(shards[i]["latent"].float())
         confusion[said][read] = confusion[said].get(read, 0) + 1
     n = sum(sum(c.values()) for c in confusion.values())

@@ -132,14 +132,18 @@ def test_static_empty_and_bad_input():
         score_batch(np.zeros((2, 9, 64, 64, 3), dtype=np.uint8), ["a red circle moving left"])
 
 
-def _load_bench(monkeypatch, name: str, pipeline):
-    """bench/NAME.py as a module, with `walt_cli.pipelines.Pipeline` replaced by a stand-in."""
+def _load_bench(monkeypatch, name: str, pipeline=None):
+    """bench/NAME.py as a module, with `walt_cli.pipelines.Pipeline` replaced by a stand-in
+    (when one is given)."""
     import importlib.util
     import sys
     import types
     from pathlib import Path
 
-    monkeypatch.setitem(sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=pipeline))
+    if pipeline is not None:
+        monkeypatch.setitem(
+            sys.modules, "walt_cli.pipelines", types.SimpleNamespace(Pipeline=pipeline)
+        )
     path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     bench = importlib.util.module_from_spec(spec)
@@ -296,18 +300,12 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
         bench.main()
 
 
-def test_bench_latent_tracks_reads_a_moving_blob_in_every_direction():
+def test_bench_latent_tracks_reads_a_moving_blob_in_every_direction(monkeypatch):
     """`bench/check_latent_tracks.py` reads a blob's direction from latents alone: a 2x2 blob of
     different channel values moving one cell per latent frame over a textured background."""
-    import importlib.util
-    from pathlib import Path
-
     from walt_cli.data.shapes_vocab import DIRECTIONS
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "check_latent_tracks.py"
-    spec = importlib.util.spec_from_file_location("check_latent_tracks", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench(monkeypatch, "check_latent_tracks")
     g = torch.Generator().manual_seed(0)
     for name, (dx, dy) in DIRECTIONS.items():
         step = (round(dx * 1.4), round(dy * 1.4))  # one cell a frame along each moving axis

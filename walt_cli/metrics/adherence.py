@@ -246,13 +246,15 @@ def _measure(video) -> tuple[Reading, torch.Tensor | None]:
         slope = (tc[:, None] * (track - track.mean(0))).sum(0) / tc.square().sum()  # px / frame
         move = slope * (t - 1) / h  # (2,): displacement over the clip, in frame heights
         travel = float(move.norm())
-        if travel < MIN_TRAVEL:
-            direction = "static"
-        else:
-            units = torch.tensor(list(DIRECTIONS.values()))  # (8, 2)
-            direction = list(DIRECTIONS)[int((units @ move).argmax())]
+        direction = "static" if travel < MIN_TRAVEL else nearest_direction(move)
     reading = Reading(colour, None, direction, background, travel, float(area[present].mean()))
     return reading, silhouette
+
+
+def nearest_direction(move: torch.Tensor) -> str:
+    """The caption direction closest in angle to a displacement (2,): (x right, y down)."""
+    units = torch.tensor(list(DIRECTIONS.values()), dtype=move.dtype)  # (8, 2)
+    return list(DIRECTIONS)[int((units @ move).argmax())]
 
 
 def read_video(video) -> Reading:
