@@ -5,6 +5,7 @@ and 50-step sampling, at matched width, heads, depth and patch size (CPU, fp32).
     python bench/bench_peers.py              # both tables (~10 min on 2 loaded cores)
     python bench/bench_peers.py --only train --grids 5x16x16 --reps 5
     python bench/bench_peers.py --compile    # adds walt with regional torch.compile (slow start)
+    python bench/bench_peers.py --allocator system   # glibc's malloc defaults (see --help)
 
 Peer: `diffusers.LatteTransformer3DModel` built from config kwargs with random weights (Latte
 alternates spatial blocks, full attention over a frame with cross-attention to a caption, and
@@ -208,16 +209,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--compile", action="store_true", help="also time regional compile")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
+    parser.add_argument(
+        "--allocator",
+        choices=("walt", "system"),
+        default="walt",
+        help="walt: keep freed CPU memory for reuse, as the `walt` command does "
+        "(walt_cli.runtime; the whole process, so both models); system: glibc's defaults",
+    )
     args = parser.parse_args()
     import importlib.util
 
+    kept = False
+    if args.allocator == "walt":
+        from walt_cli.runtime import keep_freed_cpu_memory
+
+        kept = keep_freed_cpu_memory()
     import torch
 
     if importlib.util.find_spec("diffusers") is None:
         print("bench_peers: skipped, diffusers is not installed (pip install -e .[bench])")
         return
     torch.set_num_threads(args.threads)
-    print(f"Machine: {machine(args.threads)}. Median of {args.reps} interleaved repetitions.\n")
+    memory = "kept for reuse (walt_cli.runtime)" if kept else "glibc's defaults"
+    print(
+        f"Machine: {machine(args.threads)}. Median of {args.reps} interleaved repetitions. "
+        f"Freed CPU memory: {memory}, for both models.\n"
+    )
     if args.only != "sample":
         kinds = ["walt", "latte"] + (["walt-compiled"] if args.compile else [])
         print(

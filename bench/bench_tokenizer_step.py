@@ -3,13 +3,17 @@ processes (one imports walt_cli from each checkout) take turns, one step at a ti
 
     python bench/bench_tokenizer_step.py --base c1032dc     # a commit: checked out once under /tmp
     python bench/bench_tokenizer_step.py --base /tmp/base-c1032dc --batch 2 --reps 5   # a checkout
+    python bench/bench_tokenizer_step.py --allocator system   # glibc's malloc defaults in both
 
 Step: the `tiny` tokenizer (reconstruction L1 loss, backward, Adam step; the adversarial and
 perceptual terms are off in the tiny recipes' early steps) on random clips, batch 8 of
 17x64x64 by default, fp32. Each worker builds the same model from the same seed; the table
 gives the median of `--reps` interleaved steps after a warm-up, and the ratio of medians.
 Times are the CPU seconds a step consumes in its worker (robust to other jobs sharing the
-machine, which wall-clock steps are not).
+machine, which wall-clock steps are not; page faults count, as system time). `--allocator
+walt` (the default) runs each checkout with the CPU memory setting its `walt` command applies
+(`walt_cli.runtime`: this checkout keeps freed memory for reuse, commits before it did not);
+`--allocator system` leaves glibc's defaults in both, to compare the code alone.
 """
 
 from __future__ import annotations
@@ -25,9 +29,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
-import json, sys, time, torch
-from walt_cli.models.tokenizer import CausalVideoTokenizer
+import json, sys, time
 spec = json.loads(sys.argv[1])
+kept = False
+if spec["allocator"] == "walt":  # as the checkout's `walt` command runs
+    from pathlib import Path
+    import walt_cli
+    # Look in this checkout only: an editable install's finder would supply another's module.
+    if (Path(walt_cli.__file__).parent / "runtime.py").exists():  # absent before the setting
+        from walt_cli.runtime import keep_freed_cpu_memory
+        kept = keep_freed_cpu_memory()
+import torch
+from walt_cli.models.tokenizer import CausalVideoTokenizer
 torch.set_num_threads(spec["threads"])
 torch.manual_seed(0)
 tok = CausalVideoTokenizer.from_preset("tiny").train()
@@ -37,7 +50,7 @@ def step():
     opt.zero_grad(set_to_none=True)
     (tok(x) - x).abs().mean().backward()
     opt.step()
-print(json.dumps({"params": sum(p.numel() for p in tok.parameters())}), flush=True)
+print(json.dumps({"params": sum(p.numel() for p in tok.parameters()), "kept": kept}), flush=True)
 for line in sys.stdin:
     start = time.process_time()
     step()
@@ -45,8 +58,10 @@ for line in sys.stdin:
 """
 
 
-def start(root: Path, spec: dict) -> subprocess.Popen:
+def start(root: Path, spec: dict) -> tuple[subprocess.Popen, bool]:
+    """A worker on `root`'s walt_cli, and whether it keeps freed CPU memory (walt_cli.runtime)."""
     env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("WALT_CPU_ALLOCATOR", None)
     proc = subprocess.Popen(
         [sys.executable, "-c", WORKER, json.dumps(spec)],
         stdin=subprocess.PIPE,
@@ -55,8 +70,7 @@ def start(root: Path, spec: dict) -> subprocess.Popen:
         env=env,
         cwd=root,
     )
-    json.loads(proc.stdout.readline())
-    return proc
+    return proc, json.loads(proc.stdout.readline())["kept"]
 
 
 def step(proc: subprocess.Popen) -> float:
@@ -94,10 +108,25 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--allocator",
+        choices=("walt", "system"),
+        default="walt",
+        help="walt: each checkout's CPU memory setting, as its `walt` command runs (this one "
+        "keeps freed memory, walt_cli.runtime; older ones do not); system: glibc's defaults in "
+        "both, the code alone",
+    )
     args = parser.parse_args()
     base = checkout(args.base)
-    spec = dict(batch=args.batch, clip=[args.frames, args.size, args.size], threads=args.threads)
-    workers = {"this checkout": start(HERE, spec), "base": start(base, spec)}
+    spec = dict(
+        batch=args.batch,
+        clip=[args.frames, args.size, args.size],
+        threads=args.threads,
+        allocator=args.allocator,
+    )
+    started = {"this checkout": start(HERE, spec), "base": start(base, spec)}
+    workers = {name: proc for name, (proc, _) in started.items()}
+    kept = {name: "kept" if keep else "glibc default" for name, (_, keep) in started.items()}
     commit = subprocess.run(
         ["git", "-C", str(base), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -115,12 +144,13 @@ def main() -> None:
     print(
         f"Tiny tokenizer training step, batch {args.batch} of {args.frames}x{args.size}x"
         f"{args.size}, {args.threads} thread(s), median of {args.reps} interleaved steps, load "
-        f"average at the end {load}.\n"
+        f"average at the end {load}; freed CPU memory: this checkout {kept['this checkout']}, "
+        f"{commit} {kept['base']}.\n"
     )
-    print(f"| this checkout CPU s | {commit} CPU s | speed-up |")
-    print("|---|---|---|")
+    print(f"| --allocator | this checkout CPU s | {commit} CPU s | speed-up |")
+    print("|---|---|---|---|")
     print(
-        f"| {med['this checkout']:.2f} | {med['base']:.2f} "
+        f"| {args.allocator} | {med['this checkout']:.2f} | {med['base']:.2f} "
         f"| **{med['base'] / med['this checkout']:.2f}x** |"
     )
 

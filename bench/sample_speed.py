@@ -8,6 +8,11 @@ shapes `sample` section: 50 DDIM steps with guidance 2 at the base (two forward 
 25 unguided steps at SR.
 
     python bench/sample_speed.py [--batch 1 8] [--steps 50 25] [--threads 2]
+    python bench/sample_speed.py --model default    # the trained model shipped in the package
+
+`--model` (a run directory, a bundle, or "default") times a trained cascade instead, with
+captions of the shapes vocabulary and the bundle's own steps and guidance unless given. Like
+`walt`, it keeps freed CPU memory for reuse (walt_cli.runtime).
 """
 
 from __future__ import annotations
@@ -18,12 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from walt_cli.runtime import keep_freed_cpu_memory
 
-from walt_cli.data.latents import file_hash
-from walt_cli.models.tokenizer import CausalVideoTokenizer
-from walt_cli.models.transformer import WALT
-from walt_cli.pipelines import Pipeline
+keep_freed_cpu_memory()  # as the `walt` command does, before torch allocates
+
+import torch  # noqa: E402
+
+from walt_cli.data.latents import file_hash  # noqa: E402
+from walt_cli.models.tokenizer import CausalVideoTokenizer  # noqa: E402
+from walt_cli.models.transformer import WALT  # noqa: E402
+from walt_cli.pipelines import Pipeline  # noqa: E402
+
+PROMPTS = ("a red circle moving left slowly on a white background",
+           "a blue square moving up quickly on a black background")  # fmt: skip
 
 
 def build(root: Path) -> Path:
@@ -53,22 +65,37 @@ def build(root: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--steps", type=int, nargs="+", default=[50, 25])
-    ap.add_argument("--guidance", type=float, nargs="+", default=[2.0, 1.0])
+    ap.add_argument(
+        "--steps", type=int, nargs="+", help="per stage (default 50 25, or the bundle's)"
+    )
+    ap.add_argument(
+        "--guidance", type=float, nargs="+", help="per stage (default 2 1, or the bundle's)"
+    )
+    ap.add_argument(
+        "--model", help='a trained run, bundle or "default" instead of untrained weights'
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batched", action="store_true", help="batch_invariant=False on CPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model is None:  # untrained weights: the defaults of the shapes `sample` section
+        args.steps, args.guidance = args.steps or [50, 25], args.guidance or [2.0, 1.0]
     with tempfile.TemporaryDirectory() as tmp:
         pipe = Pipeline.from_bundle(
-            build(Path(tmp) / "run"), device="cpu",
+            args.model or build(Path(tmp) / "run"), device="cpu",
             batch_invariant=False if args.batched else None,
         )  # fmt: skip
-        pipe.generate(seeds=[0], labels=[0], steps=[1, 1])  # warm-up
+
+        def conditions(b: int) -> dict:
+            if args.model is None:
+                return {"labels": [i % 40 for i in range(b)]}
+            return {"prompts": [PROMPTS[i % len(PROMPTS)] for i in range(b)]}
+
+        pipe.generate(seeds=[0], steps=[1] * len(pipe.stages), **conditions(1))  # warm-up
         for b in args.batch:
             start = time.perf_counter()
-            pipe.generate(seeds=list(range(b)), labels=[i % 40 for i in range(b)],
-                          steps=args.steps, guidance=args.guidance)  # fmt: skip
+            pipe.generate(seeds=list(range(b)), steps=args.steps, guidance=args.guidance,
+                          **conditions(b))  # fmt: skip
             total = time.perf_counter() - start
             row = {k: round(v / b, 2) for k, v in pipe.timings.items()}
             print(json.dumps({"batch": b, "batch_invariant": pipe.batch_invariant,

@@ -65,6 +65,9 @@ def _root(
 
     Example: walt data preview recipes/shapes.yaml --out preview.gif
     """
+    from walt_cli.runtime import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()
 
 
 app.add_typer(data_cmds.app, name="data")

@@ -1,0 +1,58 @@
+"""The `walt` command's process settings (walt_cli/runtime.py): freed CPU memory is kept for reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from walt_cli.runtime import ALLOCATOR_ENV
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# Touch a 256 MiB tensor, free it, and report how much of it the process still holds.
+PROBE = r"""
+import json, sys
+from walt_cli.runtime import keep_freed_cpu_memory
+kept = keep_freed_cpu_memory()
+import torch
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+x = torch.ones(64 << 20)  # 256 MiB, every page written
+held = rss()
+del x
+print(json.dumps({"kept": kept, "released": held - rss()}))
+"""
+
+
+def _probe(setting: str) -> dict:
+    env = {**os.environ, ALLOCATOR_ENV: setting}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's mallopt")
+def test_freed_tensor_memory_is_kept_for_reuse():
+    kept, system = _probe("keep"), _probe("system")
+    assert kept["kept"] is True and system["kept"] is False
+    # glibc's default hands a freed 256 MiB block straight back (munmap); kept, it stays.
+    assert system["released"] > 200 << 20
+    assert kept["released"] < 16 << 20
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(cli, monkeypatch):
+    monkeypatch.setenv(ALLOCATOR_ENV, "jemalloc")
+    result = cli("plan", "recipes/shapes.yaml")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: WALT_CPU_ALLOCATOR must be keep or system, got 'jemalloc'"
+    ]
