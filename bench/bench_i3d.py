@@ -2,6 +2,7 @@
 
     python bench/bench_i3d.py                              # CPU, batch 8 of 16x224x224
     python bench/bench_i3d.py --device cuda --batch 32 --dtype bf16
+    WALT_CPU_ALLOCATOR=system python bench/bench_i3d.py    # glibc's malloc defaults
 
 Times `i3d_features` (protocol preprocessing + I3D forward to the 400-d logits) on random clips
 already at 224x224, after one warm-up batch; reports the best and median of `--repeats` runs.
@@ -28,6 +29,9 @@ def main() -> None:
     parser.add_argument("--detector", default=None, help="I3D weights (default: the usual lookup)")
     args = parser.parse_args()
 
+    from walt_cli.runtime import keep_freed_cpu_memory
+
+    kept = keep_freed_cpu_memory()  # as `walt eval-fvd` does (WALT_CPU_ALLOCATOR=system: not)
     import torch
 
     from walt_cli.metrics.fvd import i3d_features
@@ -57,7 +61,8 @@ def main() -> None:
     where = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"freed memory {'kept' if kept else 'returned'}"
     )
     print("| device | dtype | batch | clip | s/batch (best) | s/batch (median) | clips/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -5,7 +5,7 @@ and 50-step sampling, at matched width, heads, depth and patch size (CPU, fp32).
     python bench/bench_peers.py              # both tables (~10 min on 2 loaded cores)
     python bench/bench_peers.py --only train --grids 5x16x16 --reps 5
     python bench/bench_peers.py --compile    # adds walt with regional torch.compile (slow start)
-    python bench/bench_peers.py --allocator system   # glibc's malloc defaults (see --help)
+    WALT_CPU_ALLOCATOR=system python bench/bench_peers.py   # glibc's malloc defaults
 
 Peer: `diffusers.LatteTransformer3DModel` built from config kwargs with random weights (Latte
 alternates spatial blocks, full attention over a frame with cross-attention to a caption, and
@@ -209,21 +209,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--compile", action="store_true", help="also time regional compile")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory children")
-    parser.add_argument(
-        "--allocator",
-        choices=("walt", "system"),
-        default="walt",
-        help="walt: keep freed CPU memory for reuse, as the `walt` command does "
-        "(walt_cli.runtime; the whole process, so both models); system: glibc's defaults",
-    )
     args = parser.parse_args()
     import importlib.util
 
-    kept = False
-    if args.allocator == "walt":
-        from walt_cli.runtime import keep_freed_cpu_memory
+    from walt_cli.runtime import keep_freed_cpu_memory
 
-        kept = keep_freed_cpu_memory()
+    kept = keep_freed_cpu_memory()  # as `walt` does, for the whole process: both models
     import torch
 
     if importlib.util.find_spec("diffusers") is None:

@@ -3,17 +3,17 @@ processes (one imports walt_cli from each checkout) take turns, one step at a ti
 
     python bench/bench_tokenizer_step.py --base c1032dc     # a commit: checked out once under /tmp
     python bench/bench_tokenizer_step.py --base /tmp/base-c1032dc --batch 2 --reps 5   # a checkout
-    python bench/bench_tokenizer_step.py --allocator system   # glibc's malloc defaults in both
+    WALT_CPU_ALLOCATOR=system python bench/bench_tokenizer_step.py   # glibc's defaults in both
 
 Step: the `tiny` tokenizer (reconstruction L1 loss, backward, Adam step; the adversarial and
 perceptual terms are off in the tiny recipes' early steps) on random clips, batch 8 of
 17x64x64 by default, fp32. Each worker builds the same model from the same seed; the table
 gives the median of `--reps` interleaved steps after a warm-up, and the ratio of medians.
 Times are the CPU seconds a step consumes in its worker (robust to other jobs sharing the
-machine, which wall-clock steps are not; page faults count, as system time). `--allocator
-walt` (the default) runs each checkout with the CPU memory setting its `walt` command applies
-(`walt_cli.runtime`: this checkout keeps freed memory for reuse, commits before it did not);
-`--allocator system` leaves glibc's defaults in both, to compare the code alone.
+machine, which wall-clock steps are not; page faults count, as system time). Each worker
+runs with the CPU memory setting its checkout's `walt` command applies (`walt_cli.runtime`:
+this checkout keeps freed memory for reuse, commits before it did not); with
+WALT_CPU_ALLOCATOR=system both keep glibc's defaults, which compares the code alone.
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ HERE = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time
 spec = json.loads(sys.argv[1])
-kept = False
-if spec["allocator"] == "walt":  # as the checkout's `walt` command runs
-    from pathlib import Path
-    import walt_cli
-    # Look in this checkout only: an editable install's finder would supply another's module.
-    if (Path(walt_cli.__file__).parent / "runtime.py").exists():  # absent before the setting
-        from walt_cli.runtime import keep_freed_cpu_memory
-        kept = keep_freed_cpu_memory()
+kept = False  # the CPU memory setting of the checkout's `walt` command, if it has one
+from pathlib import Path
+import walt_cli
+# Look in this checkout only: an editable install's finder would supply another's module.
+if (Path(walt_cli.__file__).parent / "runtime.py").exists():  # absent before the setting
+    from walt_cli.runtime import keep_freed_cpu_memory
+    kept = keep_freed_cpu_memory()  # honours WALT_CPU_ALLOCATOR
 import torch
 from walt_cli.models.tokenizer import CausalVideoTokenizer
 torch.set_num_threads(spec["threads"])
@@ -61,7 +60,6 @@ for line in sys.stdin:
 def start(root: Path, spec: dict) -> tuple[subprocess.Popen, bool]:
     """A worker on `root`'s walt_cli, and whether it keeps freed CPU memory (walt_cli.runtime)."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("WALT_CPU_ALLOCATOR", None)
     proc = subprocess.Popen(
         [sys.executable, "-c", WORKER, json.dumps(spec)],
         stdin=subprocess.PIPE,
@@ -108,21 +106,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--allocator",
-        choices=("walt", "system"),
-        default="walt",
-        help="walt: each checkout's CPU memory setting, as its `walt` command runs (this one "
-        "keeps freed memory, walt_cli.runtime; older ones do not); system: glibc's defaults in "
-        "both, the code alone",
-    )
     args = parser.parse_args()
     base = checkout(args.base)
     spec = dict(
         batch=args.batch,
         clip=[args.frames, args.size, args.size],
         threads=args.threads,
-        allocator=args.allocator,
     )
     started = {"this checkout": start(HERE, spec), "base": start(base, spec)}
     workers = {name: proc for name, (proc, _) in started.items()}
@@ -147,10 +136,10 @@ def main() -> None:
         f"average at the end {load}; freed CPU memory: this checkout {kept['this checkout']}, "
         f"{commit} {kept['base']}.\n"
     )
-    print(f"| --allocator | this checkout CPU s | {commit} CPU s | speed-up |")
-    print("|---|---|---|---|")
+    print(f"| this checkout CPU s | {commit} CPU s | speed-up |")
+    print("|---|---|---|")
     print(
-        f"| {args.allocator} | {med['this checkout']:.2f} | {med['base']:.2f} "
+        f"| {med['this checkout']:.2f} | {med['base']:.2f} "
         f"| **{med['base'] / med['this checkout']:.2f}x** |"
     )
 

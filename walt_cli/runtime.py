@@ -17,7 +17,6 @@ resident set no longer shrinks between steps).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -41,12 +40,12 @@ def keep_freed_cpu_memory() -> bool:
     if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the running process's own C library
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # Trim first: setting either threshold turns off glibc's dynamic adjustment of both.
+    # Both thresholds: with the mmap one alone raised, freed blocks at the top of the heap would
+    # still go back to the kernel (setting either turns off glibc's adjustment of both).
     trimmed = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     mapped = mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1
     return trimmed and mapped
