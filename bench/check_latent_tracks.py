@@ -10,11 +10,23 @@ clip's background (the per-channel median over the frame) is at least a third of
 largest, weighted by that distance; their centroid's displacement from the first latent frame
 to the last is given the nearest of the eight caption directions. Prints the share read as the
 caption says and the confusion per direction.
+
+Then the scale of `bench/probe_text_sensitivity.py`'s gaps at t = 1: how much an ideal
+prediction of the clean latent from the caption alone (what the base stage must output at t = 1
+under zero terminal SNR, where the v-loss is the x0-loss) would lose when one word is swapped.
+The ideal is approximated by a least-squares fit of the latents (normalised by the split's
+stats.json, as the base stage sees them) on one-hot words: colour, shape, direction,
+background, speed and size, each an additive effect. The gap of a word is the mean of
+|effect(swapped word) - effect(word)|^2 over the clips, as a share of the fit's residual loss,
+both cross-fitted on two halves of the clips (`ideal_gaps`). The swapped word is the vocabulary's next,
+as in the probe. A base stage that has learnt a word's main effect shows at least about this
+gap in the probe.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +52,8 @@ def main() -> None:
     ap.add_argument("latents", type=Path, help="a latent split folder (shards + index.jsonl)")
     ap.add_argument("--num", type=int, default=1500, help="rows of the index to look at")
     args = ap.parse_args()
+    import torch
+
     from walt_cli.data.latents import LatentShards
     from walt_cli.data.shapes_vocab import DIRECTIONS
     from walt_cli.metrics.adherence import parse_caption
@@ -47,10 +61,12 @@ def main() -> None:
     shards = LatentShards(args.latents)
     rows = shards.rows[: args.num]
     confusion: dict[str, dict[str, int]] = {d: {} for d in DIRECTIONS}
+    one_object = []
     for i, row in enumerate(rows):
         caption = row.get("caption") or ""
-        if not caption or " and " in caption:
-            continue  # no caption, or two objects
+        if not caption or " and " in caption or row.get("is_image"):
+            continue  # no caption, two objects, or an image
+        one_object.append(i)
         said = parse_caption(caption).direction
         read = track_direction(shards[i]["latent"].float())
         confusion[said][read] = confusion[said].get(read, 0) + 1
@@ -68,6 +84,88 @@ def main() -> None:
             + ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
             + " |"
         )
+
+    import numpy as np
+
+    from walt_cli.data.shapes_vocab import BACKGROUNDS, COLOURS, SHAPES
+
+    stats_file = args.latents / "stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+    flat, words = [], []
+    for i in one_object:
+        z = shards[i]["latent"].double()
+        if stats is not None:
+            shape = (-1,) + (1,) * (z.ndim - 1)
+            z = (z - torch.tensor(stats["mean"]).view(shape)) / torch.tensor(stats["std"]).view(
+                shape
+            )
+        flat.append(z.flatten().numpy())
+        words.append(_words(rows[i]["caption"]))
+    vocab = {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "direction": list(DIRECTIONS),
+        "background": list(BACKGROUNDS),
+        "speed": ["slowly", "quickly"],
+        "size": ["small", "medium", "large"],
+    }
+    gaps = ideal_gaps(np.stack(flat), words, vocab)
+    print(
+        f"\n| word swapped | an ideal t = 1 prediction's loss gap (additive fit, {n} clips, "
+        f"{'normalised' if stats else 'raw'} latents) |\n| --- | ---: |"
+    )
+    for a in ("colour", "shape", "direction", "background"):
+        print(f"| {a} | {gaps[a]:+.1%} |")
+
+
+def ideal_gaps(latents, words: list[dict[str, str]], vocab: dict[str, list[str]]) -> dict:
+    """The relative loss gap of an additive caption-to-latent fit when one word is swapped (see
+    the module docstring): latents (N, D) float64 numpy, words[i] the i-th clip's word per
+    attribute of `vocab`. Returns {attribute: gap} for every attribute of `vocab`.
+
+    Cross-fitted so that noise does not inflate the gaps: the words' effects are fitted on two
+    disjoint halves A and B, a squared effect difference |d|^2 is estimated by d_A . d_B
+    (unbiased, where |d_A|^2 would add both fits' noise), and the residual loss is each half's
+    error under the other half's fit."""
+    import numpy as np
+
+    columns = [(a, w) for a in vocab for w in vocab[a]]
+    onehot = np.array([[1.0] + [float(c[a] == w) for a, w in columns] for c in words])
+    order = np.random.default_rng(0).permutation(len(words))
+    halves = order[: len(order) // 2], order[len(order) // 2 :]
+    coefs = [np.linalg.lstsq(onehot[h], latents[h], rcond=None)[0] for h in halves]
+    residual = np.mean(
+        [
+            ((latents[h] - onehot[h] @ c) ** 2).sum(1).mean()
+            for h, c in zip(halves, coefs[::-1], strict=True)
+        ]
+    )
+    effects = [{col: c[1 + j] for j, col in enumerate(columns)} for c in coefs]
+    gaps = {}
+    for a, options in vocab.items():
+        lost = []
+        for clip in words:
+            pair = (a, clip[a]), (a, options[(options.index(clip[a]) + 1) % len(options)])
+            d_a, d_b = (e[pair[1]] - e[pair[0]] for e in effects)
+            lost.append(float(d_a @ d_b))
+        gaps[a] = float(np.mean(lost) / residual)
+    return gaps
+
+
+def _words(caption: str) -> dict[str, str]:
+    """Every word of a one-object shapes caption the additive fit uses."""
+    from walt_cli.metrics.adherence import parse_caption
+
+    first = parse_caption(caption)
+    text = f" {caption.lower()} "
+    return {
+        "colour": first.colour,
+        "shape": first.shape,
+        "direction": first.direction,
+        "background": first.background,
+        "speed": "quickly" if " quickly " in text else "slowly",
+        "size": next((w for w in ("small", "large") if f" {w} " in text), "medium"),
+    }
 
 
 if __name__ == "__main__":
