@@ -21,6 +21,8 @@ training loss; a fixed t: that noise level alone, where t near 1 is where a samp
 the scene from the caption). A model that ignores a word has a gap of zero there, whatever it
 generates. It reads what the training objective learnt; `probe_text_adherence.py` reads what
 the sampler makes of it.
+`check_latent_tracks.py` gives the scale at t = 1: the gap an ideal prediction from the caption
+alone would show for each swapped word, from the cached latents.
 
 The last column says how far each variant moves what the base stage reads: the text encoder's
 states, averaged over the caption's tokens, as the mean over clips of |swapped - true| / |true|.
