@@ -108,11 +108,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     base = checkout(args.base)
-    spec = dict(
-        batch=args.batch,
-        clip=[args.frames, args.size, args.size],
-        threads=args.threads,
-    )
+    spec = dict(batch=args.batch, clip=[args.frames, args.size, args.size], threads=args.threads)
     started = {"this checkout": start(HERE, spec), "base": start(base, spec)}
     workers = {name: proc for name, (proc, _) in started.items()}
     kept = {name: "kept" if keep else "glibc default" for name, (_, keep) in started.items()}

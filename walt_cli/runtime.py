@@ -8,9 +8,9 @@ step allocates and frees activations of tens to hundreds of MiB each time, so ev
 page-faults them in again and the kernel zeroes every page: on the 2-core development machine
 this took a third of the tiny tokenizer's training step (BENCHMARKS.md, "CPU memory
 allocator"). Raising both thresholds makes malloc keep and reuse the freed memory, as the
-caching allocators (jemalloc, tcmalloc) PyTorch's CPU performance guide recommends do. Those are
-not pip packages and work only through LD_PRELOAD set before the process starts, so walt calls
-glibc's own `mallopt` instead. The cost: the process keeps its peak memory once reached (the
+caching allocators (jemalloc, tcmalloc) PyTorch's performance tuning guide recommends for CPUs
+do. Those come from system packages and take effect only through LD_PRELOAD, set before the
+process starts, so walt calls glibc's own `mallopt` instead. The cost: the process keeps its peak memory once reached (the
 resident set no longer shrinks between steps).
 """
 
