@@ -18,15 +18,14 @@ The ideal is approximated by a least-squares fit of the latents (normalised by t
 stats.json, as the base stage sees them) on one-hot words: colour, shape, direction,
 background, speed and size, each an additive effect. The gap of a word is the mean of
 |effect(swapped word) - effect(word)|^2 over the clips, as a share of the fit's residual loss,
-both cross-fitted on two halves of the clips (`ideal_gaps`). The swapped word is the vocabulary's next,
-as in the probe. A base stage that has learnt a word's main effect shows at least about this
+both cross-fitted on two halves of the clips (`ideal_gaps`). The swapped word is the
+vocabulary's next, as in the probe (`metrics.adherence.SWAP_VOCABULARY`). A base stage that has learnt a word's main effect shows at least about this
 gap in the probe.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -52,25 +51,32 @@ def main() -> None:
     ap.add_argument("latents", type=Path, help="a latent split folder (shards + index.jsonl)")
     ap.add_argument("--num", type=int, default=1500, help="rows of the index to look at")
     args = ap.parse_args()
+    import numpy as np
     import torch
 
-    from walt_cli.data.latents import LatentShards
-    from walt_cli.data.shapes_vocab import DIRECTIONS
-    from walt_cli.metrics.adherence import parse_caption
+    from walt_cli.data.latents import LatentShards, load_stats
+    from walt_cli.data.shapes_vocab import DIRECTIONS, SIZES, SPEEDS
+    from walt_cli.metrics.adherence import SWAP_VOCABULARY, parse_caption
 
     shards = LatentShards(args.latents)
+    stats = load_stats(args.latents)  # the base stage sees normalised latents
+    mean, std = (
+        torch.tensor(stats[k], dtype=torch.float64).view(-1, 1, 1, 1) for k in ("mean", "std")
+    )
     rows = shards.rows[: args.num]
     confusion: dict[str, dict[str, int]] = {d: {} for d in DIRECTIONS}
-    one_object = []
+    flat, words = [], []
     for i, row in enumerate(rows):
         caption = row.get("caption") or ""
         if not caption or " and " in caption or row.get("is_image"):
             continue  # no caption, two objects, or an image
-        one_object.append(i)
+        z = shards[i]["latent"].double()
         said = parse_caption(caption).direction
-        read = track_direction(shards[i]["latent"].float())
+        read = track_direction(z)
         confusion[said][read] = confusion[said].get(read, 0) + 1
-    n = sum(sum(c.values()) for c in confusion.values())
+        flat.append(((z - mean) / std).flatten().numpy())
+        words.append(_words(caption))
+    n = len(words)
     if n == 0:
         sys.exit(f"no one-object captioned clips in the first {len(rows)} rows of {args.latents}")
     right = sum(c.get(d, 0) for d, c in confusion.items())
@@ -85,36 +91,13 @@ def main() -> None:
             + " |"
         )
 
-    import numpy as np
-
-    from walt_cli.data.shapes_vocab import BACKGROUNDS, COLOURS, SHAPES
-
-    stats_file = args.latents / "stats.json"
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
-    flat, words = [], []
-    for i in one_object:
-        z = shards[i]["latent"].double()
-        if stats is not None:
-            shape = (-1,) + (1,) * (z.ndim - 1)
-            z = (z - torch.tensor(stats["mean"]).view(shape)) / torch.tensor(stats["std"]).view(
-                shape
-            )
-        flat.append(z.flatten().numpy())
-        words.append(_words(rows[i]["caption"]))
-    vocab = {
-        "colour": list(COLOURS),
-        "shape": list(SHAPES),
-        "direction": list(DIRECTIONS),
-        "background": list(BACKGROUNDS),
-        "speed": ["slowly", "quickly"],
-        "size": ["small", "medium", "large"],
-    }
+    vocab = {**SWAP_VOCABULARY, "speed": list(SPEEDS), "size": list(SIZES)}  # "" is medium
     gaps = ideal_gaps(np.stack(flat), words, vocab)
     print(
         f"\n| word swapped | an ideal t = 1 prediction's loss gap (additive fit, {n} clips, "
-        f"{'normalised' if stats else 'raw'} latents) |\n| --- | ---: |"
+        "normalised latents) |\n| --- | ---: |"
     )
-    for a in ("colour", "shape", "direction", "background"):
+    for a in SWAP_VOCABULARY:
         print(f"| {a} | {gaps[a]:+.1%} |")
 
 
@@ -153,7 +136,8 @@ def ideal_gaps(latents, words: list[dict[str, str]], vocab: dict[str, list[str]]
 
 
 def _words(caption: str) -> dict[str, str]:
-    """Every word of a one-object shapes caption the additive fit uses."""
+    """Every word of a one-object shapes caption the additive fit uses ("" for medium size)."""
+    from walt_cli.data.shapes_vocab import SIZES, SPEEDS
     from walt_cli.metrics.adherence import parse_caption
 
     first = parse_caption(caption)
@@ -163,8 +147,8 @@ def _words(caption: str) -> dict[str, str]:
         "shape": first.shape,
         "direction": first.direction,
         "background": first.background,
-        "speed": "quickly" if " quickly " in text else "slowly",
-        "size": next((w for w in ("small", "large") if f" {w} " in text), "medium"),
+        "speed": next(w for w in SPEEDS if f" {w} " in text),
+        "size": next((w for w in SIZES if w and f" {w} " in text), ""),
     }
 
 

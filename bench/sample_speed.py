@@ -23,16 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from walt_cli.data.latents import file_hash
+from walt_cli.models.tokenizer import CausalVideoTokenizer
+from walt_cli.models.transformer import WALT
+from walt_cli.pipelines import Pipeline
 from walt_cli.runtime import keep_freed_cpu_memory
-
-keep_freed_cpu_memory()  # as the `walt` command does, before torch allocates
-
-import torch  # noqa: E402
-
-from walt_cli.data.latents import file_hash  # noqa: E402
-from walt_cli.models.tokenizer import CausalVideoTokenizer  # noqa: E402
-from walt_cli.models.transformer import WALT  # noqa: E402
-from walt_cli.pipelines import Pipeline  # noqa: E402
 
 PROMPTS = ("a red circle moving left slowly on a white background",
            "a blue square moving up quickly on a black background")  # fmt: skip
@@ -77,6 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batched", action="store_true", help="batch_invariant=False on CPU")
     args = ap.parse_args()
+    keep_freed_cpu_memory()  # as the `walt` command does
     torch.set_num_threads(args.threads)
     if args.model is None:  # untrained weights: the defaults of the shapes `sample` section
         args.steps, args.guidance = args.steps or [50, 25], args.guidance or [2.0, 1.0]

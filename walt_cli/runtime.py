@@ -6,7 +6,7 @@ most 32 MiB on 64-bit Linux) with a fresh anonymous mapping and unmaps it on fre
 the top of its heap back to the kernel once more than the trim threshold is free. A training
 step allocates and frees activations of tens to hundreds of MiB each time, so every step
 page-faults them in again and the kernel zeroes every page: on the 2-core development machine
-this took a third of the tiny tokenizer's training step (BENCHMARKS.md, "CPU memory
+this took a quarter to a third of the tiny tokenizer's training step (BENCHMARKS.md, "CPU memory
 allocator"). Raising both thresholds makes malloc keep and reuse the freed memory, as the
 caching allocators (jemalloc, tcmalloc) PyTorch's performance tuning guide recommends for CPUs
 do. Those come from system packages and take effect only through LD_PRELOAD, set before the

@@ -98,7 +98,7 @@ def parse_caption(caption: str) -> Attributes:
     return Attributes(m[1], m[2], m[3], bg[1] if bg else None)
 
 
-_VOCABULARY = {
+SWAP_VOCABULARY = {  # the words `swap_attribute` cycles through, in order
     "colour": list(COLOURS),
     "shape": list(SHAPES),
     "direction": list(DIRECTIONS),
@@ -111,8 +111,8 @@ def swap_attribute(caption: str, attribute: str) -> str:
     next word of that vocabulary, cyclically: "a red circle moving left ..." -> colour ->
     "a green circle moving left ...". The article before a changed word follows it (a / an).
     What a text-sensitivity probe feeds a model in place of the true caption."""
-    if attribute not in _VOCABULARY:
-        raise WaltError(f"attribute must be one of {sorted(_VOCABULARY)}, got {attribute!r}")
+    if attribute not in SWAP_VOCABULARY:
+        raise WaltError(f"attribute must be one of {sorted(SWAP_VOCABULARY)}, got {attribute!r}")
     if attribute == "background":
         m, group = _BACKGROUND.search(caption.lower()), 1
     else:
@@ -123,7 +123,7 @@ def swap_attribute(caption: str, attribute: str) -> str:
         group += 1
     if m is None:
         raise WaltError(f"caption {caption!r} names no {attribute} of the shapes vocabulary")
-    words = _VOCABULARY[attribute]
+    words = SWAP_VOCABULARY[attribute]
     new = words[(words.index(m[group]) + 1) % len(words)]
     start, end = m.span(group)
     head = caption[:start]
