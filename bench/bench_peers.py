@@ -1,9 +1,11 @@
-"""W.A.L.T against its peer in diffusers, side by side in one process: a transformer training step
-and 50-step sampling, at matched width, heads, depth and patch size (CPU, fp32).
+"""W.A.L.T against its peers in diffusers, side by side in one process: a transformer training step
+and 50-step sampling, at matched width, heads, depth and patch size, and the `paper` tokenizer's
+encode and decode against CogVideoX's VAE (CPU, fp32).
 
     pip install -e .[bench]                  # brings diffusers (never a runtime dependency)
-    python bench/bench_peers.py              # both tables (~10 min on 2 loaded cores)
+    python bench/bench_peers.py              # training and sampling (~10 min on 2 loaded cores)
     python bench/bench_peers.py --only train --grids 5x16x16 --reps 5
+    python bench/bench_peers.py --only tokenizer --threads 2   # ~20 min on 2 idle cores
     python bench/bench_peers.py --compile    # adds walt with regional torch.compile (slow start)
     WALT_CPU_ALLOCATOR=system python bench/bench_peers.py   # glibc's malloc defaults
 
@@ -11,6 +13,13 @@ Peer: `diffusers.LatteTransformer3DModel` built from config kwargs with random w
 alternates spatial blocks, full attention over a frame with cross-attention to a caption, and
 temporal blocks, attention over the frames at each position) and `DDIMScheduler` with the
 same schedule walt samples with (1000 linear betas, zero terminal SNR, trailing spacing).
+Tokenizer: `diffusers.AutoencoderKLCogVideoX` with its default config (CogVideoX's released VAE:
+216M parameters, 16 latent channels, 4x8x8 compression, frames in batches of 8 with a
+convolution cache) against walt's `paper` preset (370M, 8 channels, same compression), one
+1x3x17x128x128 clip, `inference_mode`, each model's default path (walt unchunked, as `walt
+tokenize encode` runs; the mean of CogVideoX's posterior). The models differ in size, so the
+table compares time per parameter (issue 14's yardstick) and the FLOPs each op counts
+(`torch.utils.flop_counter`, in the warm-up call).
 
 Training step: zero_grad, forward, mean-square loss, backward, AdamW step; both models get
 the optimizer walt's training system builds (`walt_cli.systems.common.adamw`, fused AdamW).
@@ -156,6 +165,52 @@ def sample_fn(kind: str):
     return run, net
 
 
+def tokenizer_fns(size: int = 128, frames: int = 17) -> tuple[dict, dict, dict]:
+    """Closures {"walt encode", "CogVideoX encode", "walt decode", "CogVideoX decode"}, the
+    parameter count of each op's model, and a dict the closures fill with each op's FLOPs on
+    their first (warm-up) call."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from walt_cli.models.tokenizer import CausalVideoTokenizer
+
+    torch.manual_seed(0)
+    walt = CausalVideoTokenizer.from_preset("paper").eval()
+    cog = AutoencoderKLCogVideoX().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, frames, size, size, generator=g) * 2 - 1
+    t_lat = walt.num_latent_frames(frames)
+    z_walt = torch.randn(1, walt.latent_channels, t_lat, size // 8, size // 8, generator=g)
+    z_cog = torch.randn(1, cog.config.latent_channels, t_lat, size // 8, size // 8, generator=g)
+    ops = {
+        "walt encode": lambda: walt.encode(x),
+        "CogVideoX encode": lambda: cog.encode(x).latent_dist.mode(),
+        "walt decode": lambda: walt.decode(z_walt),
+        "CogVideoX decode": lambda: cog.decode(z_cog).sample,
+    }
+    flops: dict[str, float] = {}
+
+    def timed(name: str):
+        def run() -> None:
+            with torch.inference_mode():
+                if name in flops:
+                    ops[name]()
+                    return
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    ops[name]()
+                flops[name] = float(counter.get_total_flops())
+
+        return run
+
+    params = {
+        name: float(sum(p.numel() for p in (walt if name.startswith("walt") else cog).parameters()))
+        for name in ops
+    }
+    return {name: timed(name) for name in ops}, params, flops
+
+
 def interleaved(fns: dict, reps: int) -> dict[str, float]:
     """Median CPU seconds of each closure, timed in turn within each of `reps` rounds.
 
@@ -201,9 +256,41 @@ def parse_grid(text: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in text.split("x"))  # type: ignore[return-value]
 
 
+def tokenizer_table(args: argparse.Namespace) -> None:
+    fns, params, flops = tokenizer_fns()
+    med = interleaved(fns, args.reps)
+    mem = {name: float("nan") for name in fns}
+    if not args.no_memory:
+        mem = {name: peak_mib(fn) for name, fn in fns.items()}
+    print(
+        "Tokenizer encode / decode of one 1x3x17x128x128 clip (latents 5x16x16), fp32, "
+        "inference mode: walt's `paper` preset against `AutoencoderKLCogVideoX()`.\n"
+    )
+    print(
+        "| op | walt params | CogVideoX params | walt CPU s | CogVideoX CPU s "
+        "| walt / CogVideoX parameters per CPU s | walt GFLOP | CogVideoX GFLOP "
+        "| walt GFLOP/CPU s | CogVideoX GFLOP/CPU s | walt peak MiB | CogVideoX peak MiB |"
+    )
+    print("|---" * 12 + "|")
+    for op in ("encode", "decode"):
+        w, c = f"walt {op}", f"CogVideoX {op}"
+        per_param = (med[c] / params[c]) / (med[w] / params[w])
+        print(
+            f"| {op} | {params[w] / 1e6:.1f}M | {params[c] / 1e6:.1f}M | {med[w]:.1f} "
+            f"| {med[c]:.1f} | **{per_param:.2f}x** | {flops[w] / 1e9:.0f} | {flops[c] / 1e9:.0f} "
+            f"| {flops[w] / 1e9 / med[w]:.0f} | {flops[c] / 1e9 / med[c]:.0f} "
+            f"| {mem[w]:.0f} | {mem[c]:.0f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("train", "sample"), help="one table only")
+    parser.add_argument(
+        "--only",
+        choices=("train", "sample", "tokenizer"),
+        help="one table only (the tokenizer table runs only when asked for: ~20 min)",
+    )
     parser.add_argument("--grids", nargs="+", default=["5x16x16", "5x32x32"])
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed repetitions")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -226,6 +313,9 @@ def main() -> None:
         f"Machine: {machine(args.threads)}. Median of {args.reps} interleaved repetitions. "
         f"Freed CPU memory: {memory}, for both models.\n"
     )
+    if args.only == "tokenizer":
+        tokenizer_table(args)
+        return
     if args.only != "sample":
         kinds = ["walt", "latte"] + (["walt-compiled"] if args.compile else [])
         print(
