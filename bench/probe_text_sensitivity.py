@@ -58,25 +58,21 @@ def _clips(args, frames: int, height: int, width: int):
     return torch.stack([ds[i]["video"] for i in picked]), [ds.scene(i).caption for i in picked]
 
 
-def _losses(net, schedule, z0, text, mask, args, step: int | None):
-    """(repeats, N): each clip's loss under `--repeats` seeded draws of the noise (and of the
-    diffusion step, unless `step` fixes it)."""
+def _losses(net, schedule, z0, conds, args, step: int | None):
+    """(repeats, N): each clip's loss, conditioned on `conds[i]`, under `--repeats` seeded draws
+    of the noise (and of the diffusion step, unless `step` fixes it)."""
     import torch
 
     from walt_cli.diffusion.losses import diffusion_loss
-    from walt_cli.models.transformer import Conditioning
 
     k = args.cond_frames
     out = torch.empty(args.repeats, z0.shape[0])
     for r in range(args.repeats):
         for i in range(z0.shape[0]):  # one clip per call: the loss is a batch mean
-            cond = Conditioning(
-                text=text[i : i + 1], text_mask=mask[i : i + 1], is_image=torch.zeros(1, dtype=bool)
-            )
             loss = diffusion_loss(
                 net,
                 z0[i : i + 1],
-                cond,
+                conds[i],
                 schedule,
                 p_self_cond=0.0,
                 p_frame_pred=1.0 if k else 0.0,
@@ -86,6 +82,44 @@ def _losses(net, schedule, z0, text, mask, args, step: int | None):
             )
             out[r, i] = loss.loss.item()
     return out
+
+
+def _text_conds(pipe, captions: list[str], no_caption: bool):
+    """(one Conditioning per caption, the states averaged over each caption's real tokens
+    (N, D), or None for the empty caption)."""
+    import torch
+
+    from walt_cli.models.transformer import Conditioning
+
+    text, mask = pipe.text_encoder.encode(captions)
+    pooled = None
+    if no_caption:
+        mask = torch.zeros_like(mask, dtype=torch.bool)  # what condition dropout trains
+    else:
+        m = mask.to(text.dtype)[..., None]
+        pooled = (text * m).sum(1) / m.sum(1)
+    mask, image = mask.bool(), torch.zeros(1, dtype=torch.bool)
+    conds = [
+        Conditioning(text=text[i : i + 1], text_mask=mask[i : i + 1], is_image=image)
+        for i in range(len(captions))
+    ]
+    return conds, pooled
+
+
+def _label_conds(captions: list[str] | None, n: int):
+    """One Conditioning per caption with the shapes class label of its first object (shape x
+    direction, `data.shapes.class_index`); None: the null label (condition dropout)."""
+    import torch
+
+    from walt_cli.data.shapes import class_index
+    from walt_cli.metrics.adherence import parse_caption
+    from walt_cli.models.transformer import Conditioning
+
+    labels = [Conditioning.NULL_LABEL] * n
+    if captions is not None:
+        labels = [class_index(a.shape, a.direction) for a in map(parse_caption, captions)]
+    image = torch.zeros(1, dtype=torch.bool)
+    return [Conditioning(labels=torch.tensor([v]), is_image=image) for v in labels]
 
 
 def _times(text: str) -> list[float | None]:
@@ -140,11 +174,15 @@ def main() -> None:
 
     began = time.time()
     pipe = Pipeline.from_bundle(args.model)
-    if pipe.conditioning != "text":
-        raise WaltError(f"{args.model} is not text-conditioned ({pipe.conditioning})")
+    kind = pipe.conditioning
+    if kind == "unconditional":
+        raise WaltError(f"{args.model} is not conditioned on captions or labels")
     stage = pipe.stages[0]
     (h, w), frames = stage.resolution, pipe.clip_frames
     videos, captions = _clips(args, frames, h, w)
+    # A class-conditioned shapes base reads a label naming the first object's shape and
+    # direction only: the colour and the background are not in it, so they are not swapped.
+    swaps = ATTRIBUTES if kind == "text" else ("shape", "direction")
     with torch.no_grad():
         z0 = stage.normalize(pipe.encode(videos))
         if not 0 <= args.cond_frames < z0.shape[2]:
@@ -152,44 +190,54 @@ def main() -> None:
                 f"--cond-frames must be in 0..{z0.shape[2] - 1}, got {args.cond_frames}"
             )
         variants = {"true caption": captions}
-        variants |= {f"{a} swapped": [swap_attribute(c, a) for c in captions] for a in ATTRIBUTES}
+        variants |= {f"{a} swapped": [swap_attribute(c, a) for c in captions] for a in swaps}
         variants["shuffled (another clip's)"] = captions[1:] + captions[:1]
-        variants["no caption"] = [""] * len(captions)
+        variants["no caption"] = None
         steps = [None if t is None else round(t * (pipe.schedule.num_steps - 1)) for t in times]
         losses, pooled = {}, {}
         for name, caps in variants.items():
-            text, mask = pipe.text_encoder.encode(caps)
-            if name == "no caption":
-                mask = torch.zeros_like(mask, dtype=torch.bool)  # what condition dropout trains
-            else:  # (N, D): the states averaged over each caption's real tokens
-                m = mask.to(text.dtype)[..., None]
-                pooled[name] = (text * m).sum(1) / m.sum(1)
+            if kind == "text":
+                conds, states = _text_conds(pipe, caps or [""] * len(captions), caps is None)
+                if states is not None:
+                    pooled[name] = states
+            else:
+                conds = _label_conds(caps, len(captions))
             losses[name] = [
-                _losses(stage.net, pipe.schedule, z0, text, mask.bool(), args, step)
-                for step in steps
+                _losses(stage.net, pipe.schedule, z0, conds, args, step) for step in steps
             ]
             print(f"{name}: done", file=sys.stderr)
     true = losses["true caption"]
-    ref_states = pooled["true caption"]
+    text = kind == "text"
+    noun = "caption" if text else "label"
     heads = ["t random" if t is None else f"t = {t:g}" for t in times]
-    print("| caption | " + " | ".join(heads) + " | text states moved |")
-    print("| --- |" + " ---: |" * (len(heads) + 1))
-    print("| loss, true caption | " + " | ".join(f"{x.mean():.4f}" for x in true) + " | |")
+    heads += ["text states moved"] if text else []
+    print(f"| {noun} | " + " | ".join(heads) + " |")
+    print("| --- |" + " ---: |" * len(heads))
+    cells = [f"{x.mean():.4f}" for x in true] + ([""] if text else [])
+    print(f"| loss, true {noun} | " + " | ".join(cells) + " |")
     for name, per_time in list(losses.items())[1:]:
         cells = []
         for loss, ref in zip(per_time, true, strict=True):
             gap = (loss - ref).flatten() / ref.mean()
             cells.append(f"{gap.mean():+.1%} +- {gap.std() / math.sqrt(gap.numel()):.1%}")
-        if name in pooled:
+        if text and name in pooled:
+            ref_states = pooled["true caption"]
             moved = (pooled[name] - ref_states).norm(dim=-1) / ref_states.norm(dim=-1)
             cells.append(f"{moved.mean():.1%}")
-        else:
+        elif text:
             cells.append("masked")
+        else:
+            name = name.replace("no caption", "no label (null class)")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(
-        "\nCells: mean of (loss - true-caption loss) over clips and draws, as a share of the mean "
-        "true-caption loss at that time, +- its standard error. Text states moved: mean over "
-        "clips of |pooled states - true caption's| / |true caption's|."
+        f"\nCells: mean of (loss - true-{noun} loss) over clips and draws, as a share of the mean "
+        f"true-{noun} loss at that time, +- its standard error."
+        + (
+            " Text states moved: mean over clips of |pooled states - true caption's| / "
+            "|true caption's|."
+            if text
+            else " Each caption is read as the class label of its first object (shape x direction)."
+        )
     )
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(

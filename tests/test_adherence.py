@@ -300,6 +300,58 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
         bench.main()
 
 
+def test_bench_text_sensitivity_reads_class_models_by_label(monkeypatch, capsys):
+    """For a class-conditioned shapes base, `bench/probe_text_sensitivity.py` reads each caption
+    as the class label of its first object (shape x direction). A stand-in net that reads the
+    direction part of the label alone shows a gap where the direction changes and exactly none
+    where only the shape does; colour and background, not in the label, are not swapped."""
+    import sys
+    import types
+
+    from walt_cli.data.shapes import DIRECTIONS
+    from walt_cli.diffusion.schedules import make_schedule
+
+    def net(x_in, t, cond):  # v = 0.1 x the direction index of the label, everywhere
+        assert cond.text is None
+        level = 0.1 * torch.remainder(cond.labels, len(DIRECTIONS)).float()
+        return level.view(-1, 1, 1, 1, 1) * torch.ones_like(x_in[:, :3])
+
+    stage = types.SimpleNamespace(resolution=(32, 32), normalize=lambda z: z, net=net)
+
+    class Standin:
+        conditioning, clip_frames, stages = "class", 5, [stage]
+        text_encoder, schedule = None, make_schedule()
+
+        @classmethod
+        def from_bundle(cls, path):
+            return cls()
+
+        def encode(self, video):
+            return video[:, :, :, ::8, ::8]  # (B, 3, 5, 4, 4)
+
+    bench = _load_bench(monkeypatch, "probe_text_sensitivity", Standin)
+    argv = ["x", "--model", "m", "--num", "12", "--repeats", "1", "--times", "0.9,1.0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out
+    rows = {
+        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+        for line in out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    assert list(rows) == [
+        "label",
+        "loss, true label",
+        "shape swapped",
+        "direction swapped",
+        "shuffled (another clip's)",
+        "no label (null class)",
+    ]
+    assert rows["label"] == ["t = 0.9", "t = 1"]
+    assert rows["shape swapped"] == ["+0.0% +- 0.0%"] * 2
+    assert all(cell != "+0.0% +- 0.0%" for cell in rows["direction swapped"])
+
+
 def test_bench_latent_tracks_reads_a_moving_blob_in_every_direction(monkeypatch):
     """`bench/check_latent_tracks.py` reads a blob's direction from latents alone: a 2x2 blob of
     different channel values moving one cell per latent frame over a textured background."""
