@@ -223,6 +223,67 @@ def test_activation_checkpointing_cuts_peak_memory_and_keeps_gradients():
     assert peaks[True] < 0.6 * peaks[False], peaks
 
 
+def _mlp_reference(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The MLP through autograd's plain path (it keeps both h and gelu(h))."""
+    return mlp.fc2(mlp.act(mlp.fc1(x)))
+
+
+def test_mlp_recomputed_gelu_equals_plain_path_and_keeps_less():
+    """The training MLP recomputes gelu(h) in its backward pass (`_GeluLinear`): the same output
+    and gradients as the plain path, in fp32 and under bf16 autocast (each gradient in its
+    parameter's dtype), and it keeps exactly one hidden-width tensor fewer for the backward."""
+    from walt_cli.models.transformer import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 4.0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    target = torch.randn(2, 5, 16)
+    results = {}
+    for name, fn in (("plain", _mlp_reference), ("fast", lambda m, v: m(v))):
+        out = fn(mlp, x)
+        grads = _grads(mlp, (out * target).sum())
+        results[name] = (out.detach(), x.grad.clone(), grads)
+        x.grad = None
+    (ref, gx_ref, g_ref), (out, gx, g) = results["plain"], results["fast"]
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+    assert g.keys() == g_ref.keys() == {n for n, _ in mlp.named_parameters()}
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=name)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf16 = mlp(x)
+        ref_bf16 = _mlp_reference(mlp, x)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16, ref_bf16)
+    grads = _grads(mlp, (out_bf16.float() * target).sum())
+    ref_grads = _grads(mlp, (ref_bf16.float() * target).sum())
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, ref_grads[name], atol=0.05, rtol=0.02, msg=name)
+
+    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+
+    def saved_bytes(fn) -> int:
+        """Bytes of activations kept for the backward pass (weights and their views aside)."""
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if t.untyped_storage().data_ptr() not in weights:
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(mlp, x)
+        return total
+
+    hidden = x.numel() // 16 * mlp.fc1.out_features * 4  # one (2, 5, 64) float tensor
+    assert saved_bytes(_mlp_reference) - saved_bytes(lambda m, v: m(v)) == hidden
+    with torch.no_grad():  # inference takes the plain path: nothing to keep
+        torch.testing.assert_close(mlp(x), ref)
+
+
 def test_foreach_ema_equals_per_tensor_lerp():
     from walt_cli.systems.common import ema_model
 

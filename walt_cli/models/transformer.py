@@ -146,8 +146,47 @@ def _per_frame(x: Tensor) -> Tensor:
     return x[:, :, None, None, :]
 
 
+class _GeluLinear(torch.autograd.Function):
+    """linear(gelu_tanh(h), weight, bias) that keeps only h for the backward pass.
+
+    Autograd's plain path keeps both h (for GELU's gradient) and gelu(h) (for the second linear
+    layer's weight gradient): two tensors of the MLP's hidden width, 4d per token. Here gelu(h)
+    is recomputed in the backward pass, one elementwise op against the two matmuls the backward
+    does anyway, so each MLP keeps 4d fewer floats per token until its backward. Written by hand
+    because torch.utils.checkpoint would also rerun the linear layer's matmul. Same values as
+    the plain path; gradients equal within float rounding (tests/test_fast_paths.py)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(nn.functional.gelu(h, approximate="tanh"), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        # Under autocast the saved h and the incoming gradient are in the low precision while
+        # the weight stays fp32: compute in the gradient's dtype, return each in its input's.
+        # One hidden-width temporary at a time beside h: the recomputed gelu(h) is freed before
+        # the input gradient's two are made.
+        grad_h = grad_w = grad_b = None
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            g = nn.functional.gelu(h.to(grad.dtype), approximate="tanh")
+            grad_w = (flat.T @ g.reshape(-1, g.shape[-1])).to(weight.dtype)
+            del g
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_g = grad @ weight.to(grad.dtype)
+            grad_h = torch.ops.aten.gelu_backward(grad_g, h.to(grad.dtype), approximate="tanh")
+            grad_h = grad_h.to(h.dtype)
+        return grad_h, grad_w, grad_b
+
+
 class Mlp(nn.Module):
-    """Transformer MLP, ratio 4 [SPEC §2.4 "not given": assume 4], GELU (tanh)."""
+    """Transformer MLP, ratio 4 [SPEC §2.4 "not given": assume 4], GELU (tanh). In training the
+    GELU output is recomputed in the backward pass instead of kept (`_GeluLinear`)."""
 
     def __init__(self, width: int, ratio: float) -> None:
         super().__init__()
@@ -159,7 +198,10 @@ class Mlp(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if torch.is_grad_enabled() and (h.requires_grad or self.fc2.weight.requires_grad):
+            return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.act(h))
 
 
 class WALTBlock(nn.Module):
