@@ -241,14 +241,45 @@ def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch
         bench.main()
 
 
+def _sensitivity_rows(monkeypatch, capsys, net, conditioning: str, encoder, argv):
+    """Run `bench/probe_text_sensitivity.py` with `argv` on a stand-in pipeline whose base
+    stage is `net` (conditioned on "text" through `encoder`, or on "class" labels), its
+    tokenizer a subsampling; returns the module and its table as {first cell: other cells}."""
+    import sys
+    import types
+
+    from walt_cli.diffusion.schedules import make_schedule
+
+    stage = types.SimpleNamespace(resolution=(32, 32), normalize=lambda z: z, net=net)
+
+    class Standin:
+        clip_frames, stages = 5, [stage]
+        text_encoder, schedule = encoder, make_schedule()
+
+        @classmethod
+        def from_bundle(cls, path):
+            return cls()
+
+        def encode(self, video):
+            return video[:, :, :, ::8, ::8]  # (B, 3, 5, 4, 4)
+
+    Standin.conditioning = conditioning
+    bench = _load_bench(monkeypatch, "probe_text_sensitivity", Standin)
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    rows = {
+        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    return bench, rows
+
+
 def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, capsys):
     """`bench/probe_text_sensitivity.py` takes the loss of every caption variant under the same
     diffusion times and noise. A stand-in net that reads the colour word alone shows a gap where
     the colour changes (swapped, shuffled, no caption) and exactly none for the other swaps."""
     import sys
-    import types
-
-    from walt_cli.diffusion.schedules import make_schedule
 
     colours = list(COLOURS)
 
@@ -265,28 +296,8 @@ def test_bench_text_sensitivity_pairs_the_noise_across_captions(monkeypatch, cap
         level = 0.1 * (seen * torch.arange(len(colours))).sum(-1)
         return level.view(-1, 1, 1, 1, 1) * torch.ones_like(x_in[:, :3])
 
-    stage = types.SimpleNamespace(resolution=(32, 32), normalize=lambda z: z, net=net)
-
-    class Standin:
-        conditioning, clip_frames, stages = "text", 5, [stage]
-        text_encoder, schedule = Encoder(), make_schedule()
-
-        @classmethod
-        def from_bundle(cls, path):
-            return cls()
-
-        def encode(self, video):
-            return video[:, :, :, ::8, ::8]  # (B, 3, 5, 4, 4)
-
-    bench = _load_bench(monkeypatch, "probe_text_sensitivity", Standin)
     argv = ["x", "--model", "m", "--num", "12", "--repeats", "2", "--times", "random,0.9"]
-    monkeypatch.setattr(sys, "argv", argv)
-    bench.main()
-    rows = {
-        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
-        for line in capsys.readouterr().out.splitlines()
-        if line.startswith("| ") and "---" not in line
-    }
+    bench, rows = _sensitivity_rows(monkeypatch, capsys, net, "text", Encoder(), argv)
     assert list(rows)[:2] == ["caption", "loss, true caption"]
     assert rows["caption"] == ["t random", "t = 0.9", "text states moved"]
     for same in ("shape swapped", "direction swapped", "background swapped"):
@@ -305,40 +316,15 @@ def test_bench_text_sensitivity_reads_class_models_by_label(monkeypatch, capsys)
     as the class label of its first object (shape x direction). A stand-in net that reads the
     direction part of the label alone shows a gap where the direction changes and exactly none
     where only the shape does; colour and background, not in the label, are not swapped."""
-    import sys
-    import types
-
     from walt_cli.data.shapes import DIRECTIONS
-    from walt_cli.diffusion.schedules import make_schedule
 
     def net(x_in, t, cond):  # v = 0.1 x the direction index of the label, everywhere
         assert cond.text is None
         level = 0.1 * torch.remainder(cond.labels, len(DIRECTIONS)).float()
         return level.view(-1, 1, 1, 1, 1) * torch.ones_like(x_in[:, :3])
 
-    stage = types.SimpleNamespace(resolution=(32, 32), normalize=lambda z: z, net=net)
-
-    class Standin:
-        conditioning, clip_frames, stages = "class", 5, [stage]
-        text_encoder, schedule = None, make_schedule()
-
-        @classmethod
-        def from_bundle(cls, path):
-            return cls()
-
-        def encode(self, video):
-            return video[:, :, :, ::8, ::8]  # (B, 3, 5, 4, 4)
-
-    bench = _load_bench(monkeypatch, "probe_text_sensitivity", Standin)
     argv = ["x", "--model", "m", "--num", "12", "--repeats", "1", "--times", "0.9,1.0"]
-    monkeypatch.setattr(sys, "argv", argv)
-    bench.main()
-    out = capsys.readouterr().out
-    rows = {
-        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
-        for line in out.splitlines()
-        if line.startswith("| ") and "---" not in line
-    }
+    _, rows = _sensitivity_rows(monkeypatch, capsys, net, "class", None, argv)
     assert list(rows) == [
         "label",
         "loss, true label",

@@ -30,6 +30,25 @@ def _grads(module: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tenso
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def _assert_paths_agree(module, x: torch.Tensor, target: torch.Tensor, paths):
+    """Run `module` on `x` through two paths (functions of x, the reference first) with the
+    loss sum(out * target): outputs, input gradients and parameter gradients agree within TOL.
+    Returns the reference output and the second path's parameter gradients."""
+    results = []
+    for fn in paths:
+        out = fn(x)
+        grads = _grads(module, (out * target).sum())
+        results.append((out.detach(), x.grad.clone(), grads))
+        x.grad = None
+    (ref, gx_ref, g_ref), (out, gx, g) = results
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=name)
+    return ref, g
+
+
 @pytest.mark.parametrize(
     "temporal,window,grid,identity",
     [
@@ -47,20 +66,16 @@ def test_window_kernel_equals_sdpa(impl, temporal, window, grid, identity):
     x = torch.randn(3, *grid, 16, requires_grad=True)
     ident = None if identity is None else torch.tensor(identity)
     target = torch.randn(3, *grid, 16)
-    results = {}
-    for name in ("sdpa", "window"):
-        impl(name)
-        out = attn(x, ident)
-        grads = _grads(attn, (out * target).sum())
-        results[name] = (out.detach(), x.grad.clone(), grads)
-        x.grad = None
-    (ref, gx_ref, g_ref), (out, gx, g) = results["sdpa"], results["window"]
-    torch.testing.assert_close(out, ref, **TOL)
-    torch.testing.assert_close(gx, gx_ref, **TOL)
-    assert g.keys() == g_ref.keys()
+
+    def through(name: str):
+        def run(v: torch.Tensor) -> torch.Tensor:
+            impl(name)
+            return attn(v, ident)
+
+        return run
+
+    _, g = _assert_paths_agree(attn, x, target, (through("sdpa"), through("window")))
     assert ("bias.table" in g) == (identity is None or not all(identity))  # all images: no bias
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -238,18 +253,8 @@ def test_mlp_recomputed_gelu_equals_plain_path_and_keeps_less():
     mlp = Mlp(16, 4.0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     target = torch.randn(2, 5, 16)
-    results = {}
-    for name, fn in (("plain", _mlp_reference), ("fast", lambda m, v: m(v))):
-        out = fn(mlp, x)
-        grads = _grads(mlp, (out * target).sum())
-        results[name] = (out.detach(), x.grad.clone(), grads)
-        x.grad = None
-    (ref, gx_ref, g_ref), (out, gx, g) = results["plain"], results["fast"]
-    torch.testing.assert_close(out, ref, **TOL)
-    torch.testing.assert_close(gx, gx_ref, **TOL)
-    assert g.keys() == g_ref.keys() == {n for n, _ in mlp.named_parameters()}
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], **TOL, msg=name)
+    ref, g = _assert_paths_agree(mlp, x, target, (lambda v: _mlp_reference(mlp, v), mlp))
+    assert g.keys() == {n for n, _ in mlp.named_parameters()}
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_bf16 = mlp(x)
