@@ -27,6 +27,12 @@ alone would show for each swapped word, from the cached latents.
 The last column says how far each variant moves what the base stage reads: the text encoder's
 states, averaged over the caption's tokens, as the mean over clips of |swapped - true| / |true|.
 A word the encoder barely tells apart from its swap gives the base little to learn from.
+
+A class-conditioned shapes base (`base.num_classes=40`: labels name the first object's shape x
+direction, `data.shapes.class_index`) is read the same way, each caption as its label: the
+shape or the direction swapped, another clip's label, and the null class for `no caption`;
+there is no text-states column. It is the control that tells an encoder that blurs a word
+from a base that has not learnt what the word does.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ def _losses(net, schedule, z0, conds, args, step: int | None):
 
 def _text_conds(pipe, captions: list[str], no_caption: bool):
     """(one Conditioning per caption, the states averaged over each caption's real tokens
-    (N, D), or None for the empty caption)."""
+    (N, D)); with `no_caption` every token is masked and the states are None."""
     import torch
 
     from walt_cli.models.transformer import Conditioning
