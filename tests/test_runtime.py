@@ -56,3 +56,11 @@ def test_a_bad_setting_is_one_line_and_exit_2(cli, monkeypatch):
     assert result.output.strip().splitlines() == [
         "error: WALT_CPU_ALLOCATOR must be keep or system, got 'jemalloc'"
     ]
+    # Help needs no allocator: it still prints, for the root and for a subcommand.
+    for args in (["plan", "--help"], ["-h"], ["sample", "-h"]):
+        result = cli(*args)
+        assert result.exit_code == 0, args
+        assert "Usage:" in result.output and "WALT_CPU_ALLOCATOR" not in result.output, args
+    # A "--help" after "--" is an argument, not a help request.
+    result = cli("plan", "--", "--help")
+    assert result.exit_code == 2 and "WALT_CPU_ALLOCATOR" in result.output

@@ -24,9 +24,18 @@ from walt_cli.commands import tokenize as tokenize_cmds
 from walt_cli.commands import train as train_cmds
 from walt_cli.errors import WaltError
 
+_HELP_ASKED = "walt.help_asked"  # ctx.meta key: a help option is among the command line's args
+
 
 class _WaltGroup(TyperGroup):
     """Root group: turns a :class:`WaltError` raised anywhere below into one line and exit 2."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        # Noted before the subcommand parses its own: the root callback runs first, and a help
+        # request should not fail on a setting only a run uses (WALT_CPU_ALLOCATOR).
+        head = args[: args.index("--")] if "--" in args else args
+        ctx.meta[_HELP_ASKED] = any(a in ctx.help_option_names for a in head)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -57,6 +66,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
@@ -67,7 +77,8 @@ def _root(
     """
     from walt_cli.runtime import keep_freed_cpu_memory
 
-    keep_freed_cpu_memory()
+    if not ctx.meta.get(_HELP_ASKED):
+        keep_freed_cpu_memory()
 
 
 app.add_typer(data_cmds.app, name="data")
