@@ -40,6 +40,23 @@ def test_overrides_and_interpolation(tmp_path: Path):
     assert recipe.trainer.devices == 2
 
 
+def test_a_leading_tilde_in_a_path_key_is_the_home_folder(tmp_path: Path, monkeypatch):
+    """`run_dir=~/runs/x` on a command line reaches walt unexpanded (the shell expands `~` only
+    at the start of a word): path-valued keys expand it, from the file or an override, in SR
+    stages too; other strings and a `~` further in are left alone."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    f = tmp_path / "r.yaml"
+    f.write_text("tokenizer:\n  checkpoint: ~/tok.safetensors\nsr:\n  - latents: ~/sr1\n")
+    recipe = load_recipe(f, ["run_dir=~/runs/x", "base.latents=~/lat", "data.path=a/~b"])
+    assert recipe.run_dir == f"{home}/runs/x"
+    assert recipe.base.latents == f"{home}/lat"
+    assert recipe.tokenizer.checkpoint == f"{home}/tok.safetensors"
+    assert recipe.sr[0].latents == f"{home}/sr1"
+    assert recipe.data.path == "a/~b"
+    assert load_recipe(f, ["name=~x"]).name == "~x"
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [

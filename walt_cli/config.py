@@ -298,9 +298,37 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise _merge_error(str(path), err) from None
+    _expand_home(cfg)
     recipe: Recipe = cfg  # type: ignore[assignment]  (structured config: typed attribute access)
     validate(recipe, source=str(path))
     return recipe
+
+
+# Recipe keys that name files or folders (sr.N.latents besides: every SR stage has one).
+_PATH_KEYS = (
+    "run_dir",
+    "data.path",
+    "data.split_dir",
+    "data.images",
+    "tokenizer.checkpoint",
+    "tokenizer.perceptual_path",
+    "base.latents",
+    "base.init_from",
+    "text_encoder.path",
+)
+
+
+def _expand_home(cfg) -> None:
+    """A leading `~` in a path-valued key is the home folder, as in a shell. The shell expands
+    it only at the start of a word, so an override such as `run_dir=~/runs/x` would otherwise
+    reach walt as a folder literally named `~`."""
+    from omegaconf import OmegaConf
+
+    keys = [*_PATH_KEYS, *(f"sr.{i}.latents" for i in range(len(cfg.sr)))]
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value))
 
 
 def _yaml_is_empty(path: Path) -> bool:
