@@ -204,10 +204,8 @@ def tokenizer_fns(size: int = 128, frames: int = 17) -> tuple[dict, dict, dict]:
 
         return run
 
-    params = {
-        name: float(sum(p.numel() for p in (walt if name.startswith("walt") else cog).parameters()))
-        for name in ops
-    }
+    counts = {"walt": walt.num_parameters(), "CogVideoX": sum(p.numel() for p in cog.parameters())}
+    params = {name: float(counts[name.split()[0]]) for name in ops}
     return {name: timed(name) for name in ops}, params, flops
 
 
