@@ -378,3 +378,66 @@ def test_bench_ideal_gaps_measure_each_words_effect_without_noise_bias(monkeypat
     assert gaps["direction"] == pytest.approx(want, rel=0.1)
     # |d_A|^2 in place of d_A . d_B reads +0.31% here; the cross-fitted estimate -0.06%.
     assert abs(gaps["shape"]) < 0.0015
+
+
+def test_synthetic_direction_clips_move_the_way_their_label_says(monkeypatch):
+    """`bench/probe_direction_synthetic.py`: every clip's blob moves in the direction its label
+    names, as `check_latent_tracks` reads it; the path stays inside the grid."""
+    from walt_cli.data.shapes_vocab import DIRECTIONS
+
+    synth = _load_bench(monkeypatch, "probe_direction_synthetic")
+    tracks = _load_bench(monkeypatch, "check_latent_tracks")
+    grid = (5, 8, 8)
+    clips, labels, (_, _, starts) = synth.make_clips(
+        64, grid, 8, torch.Generator().manual_seed(0), speed=1.0, sigma=0.7
+    )
+    assert clips.shape == (64, 8, *grid) and sorted(set(labels.tolist())) == list(range(8))
+    names = list(DIRECTIONS)
+    for clip, label, (x, y) in zip(clips, labels.tolist(), starts, strict=True):
+        assert tracks.track_direction(clip) == names[label]
+        dx, dy = DIRECTIONS[names[label]]
+        for k in range(grid[0]):
+            assert 1 - 1e-6 <= x + dx * k <= 7 + 1e-6 and 1 - 1e-6 <= y + dy * k <= 7 + 1e-6
+
+
+def test_synthetic_direction_blind_ideal_is_the_label_free_optimum(monkeypatch):
+    """The blind ideal keeps frame 0, averages the directions that fit (each its clip exactly
+    when alone) and beats both dropping the object and every single guessed direction."""
+    synth = _load_bench(monkeypatch, "probe_direction_synthetic")
+    grid, draw = (5, 8, 8), dict(speed=1.0, sigma=0.7)
+    clips, labels, parts = synth.make_clips(48, grid, 8, torch.Generator().manual_seed(1), **draw)
+    blind = synth.blind_ideal(parts, grid, **draw)
+    assert torch.allclose(blind[:, :, 0], clips[:, :, 0], atol=1e-5)
+    background = clips[:, :, :1, :1, :1].expand_as(clips)
+    ideal = synth.later_frames_mse(blind, clips)
+    assert 0 < ideal < synth.later_frames_mse(background, clips)
+    bg, obj, starts = parts
+    for d in range(8):  # one guessed direction for every clip (paths may leave the grid)
+        guess = torch.stack(
+            [synth.render(bg[i], obj[i], starts[i], d, grid, **draw) for i in range(48)]
+        )
+        assert synth.later_frames_mse(guess, clips) > ideal
+    # At 1.5 cells a frame only "right" (label 1) fits a start at the middle of the left edge.
+    fast = dict(speed=1.5, sigma=0.7)
+    alone = synth.blind_ideal((bg[:1], obj[:1], [(1.0, 4.0)]), grid, **fast)
+    right = synth.render(bg[0], obj[0], (1.0, 4.0), 1, grid, **fast)
+    assert torch.allclose(alone[0], right, atol=1e-5)
+
+
+def test_synthetic_direction_probe_trains_a_recipe_network(monkeypatch, capsys):
+    """Two steps of a small recipe network: one table row per evaluation, and the references in
+    their order (blind ideal < background only < zeros)."""
+    synth = _load_bench(monkeypatch, "probe_direction_synthetic")
+    synth.main(
+        ["--steps", "2", "--eval-every", "1", "--threads", "1"]
+        + ["base.depth=2", "base.width=32", "base.heads=2", "base.batch_size=2"]
+    )
+    out = capsys.readouterr().out.splitlines()
+    refs = dict(
+        (k.strip(), float(v))
+        for k, v in (part.rsplit(" ", 1) for part in out[1].split(": ", 1)[1].split(", ")[:3])
+    )
+    assert refs["blind ideal"] < refs["background only"] < refs["zeros"]
+    rows = [line for line in out if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 2"]
+    assert len(rows[0].split(" | ")) == 9
