@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     clips, labels, parts = make_clips(
         EVAL_CLIPS, grid, args.channels, torch.Generator().manual_seed(123), **draw
     )
-    background = clips[:, :, :1, :1, :1].expand_as(clips)  # corner cell: the blob stays off it
+    background = parts[0][:, :, None, None, None].expand_as(clips)  # each clip's bg vector
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads; recipe {args.recipe} {' '.join(args.overrides)}; "

@@ -408,7 +408,7 @@ def test_synthetic_direction_blind_ideal_is_the_label_free_optimum(monkeypatch):
     clips, labels, parts = synth.make_clips(48, grid, 8, torch.Generator().manual_seed(1), **draw)
     blind = synth.blind_ideal(parts, grid, **draw)
     assert torch.allclose(blind[:, :, 0], clips[:, :, 0], atol=1e-5)
-    background = clips[:, :, :1, :1, :1].expand_as(clips)
+    background = parts[0][:, :, None, None, None].expand_as(clips)
     ideal = synth.later_frames_mse(blind, clips)
     assert 0 < ideal < synth.later_frames_mse(background, clips)
     bg, obj, starts = parts
