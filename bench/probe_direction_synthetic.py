@@ -25,7 +25,8 @@ A model that reads the label loses with a wrong one (a positive gap); a loss bel
 ideal can only come from reading it.
 
 Training runs on the CPU (44 min for 3000 steps of the shapes recipe's base on 2 cores);
-recipe overrides (`base.KEY=VALUE`) change the network or the optimiser.
+recipe overrides (`base.KEY=VALUE`) change the network or the optimiser. There is no EMA: the
+probe reads the weights being trained.
 """
 
 from __future__ import annotations
@@ -183,22 +184,29 @@ def main(argv: list[str] | None = None) -> None:
     from walt_cli.diffusion.losses import diffusion_loss
     from walt_cli.diffusion.schedules import make_schedule
     from walt_cli.models.transformer import Conditioning
-    from walt_cli.systems.common import warmup_cosine
+    from walt_cli.systems.base import BaseSystem
+    from walt_cli.systems.common import DiffusionSystem, section_kwargs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     grid = tuple(int(v) for v in args.grid.split(","))
     if args.speed * (grid[0] - 1) > min(grid[1:]) - 2:
         parser.error(f"--speed {args.speed}: a {grid[0]}-frame path leaves the {args.grid} grid")
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, [*args.overrides, f"base.max_steps={args.steps}"])
     b = recipe.base
     net = _network(recipe, grid, args.channels)
     schedule = make_schedule()
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=b.lr, betas=tuple(b.betas), weight_decay=b.weight_decay
+    # The training system's own optimiser and learning-rate schedule for this section (the
+    # latents are already normalised: mean 0, std 1).
+    system = BaseSystem(
+        net,
+        stage_dir=".",
+        latent_mean=[0.0] * args.channels,
+        latent_std=[1.0] * args.channels,
+        tokenizer_hash="synthetic",
+        **{**section_kwargs(b, DiffusionSystem), "ema": False},
     )
-    floor = 1.0 if b.lr_schedule == "constant" else b.min_lr_ratio  # as DiffusionSystem's
-    lr_factor = warmup_cosine(b.warmup_steps, args.steps, floor)
+    (opt,), (lr_schedule,) = system.configure_optimizers()
     draw = dict(speed=args.speed, sigma=args.sigma)
 
     clips, labels, parts = make_clips(
@@ -221,8 +229,6 @@ def main(argv: list[str] | None = None) -> None:
     start, running = time.perf_counter(), []
     for step in range(args.steps):
         z, lab, _ = make_clips(b.batch_size, grid, args.channels, g, **draw)
-        for group in opt.param_groups:
-            group["lr"] = b.lr * lr_factor(step)
         out = diffusion_loss(
             net,
             z,
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         if b.grad_clip:
             torch.nn.utils.clip_grad_norm_(net.parameters(), b.grad_clip)
         opt.step()
+        lr_schedule.step()
         running.append(out.loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             r = _probe(net, schedule, clips, labels)
