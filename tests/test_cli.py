@@ -121,12 +121,13 @@ def test_data_preview_on_a_folder_of_real_clips(cli, tmp_path: Path, videos_dir:
     ],
 )
 def test_bad_recipe_is_one_line_exit_2(cli, tmp_path: Path, args, message):
-    result = cli("data", "preview", TINY, *args, "--out", tmp_path / "x.gif")
+    run = tmp_path / "run"
+    result = cli("data", "preview", TINY, *args, f"run_dir={run}", "--out", tmp_path / "x.gif")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert "Traceback" not in result.output
-    assert not (tmp_path / "x.gif").exists()
+    assert not (tmp_path / "x.gif").exists() and not run.exists()
 
 
 def test_missing_recipe_and_bad_output(cli, tmp_path: Path):

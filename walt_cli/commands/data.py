@@ -53,7 +53,7 @@ def preview(
     from walt_cli.data.preview import preview_dataset, summary_table
 
     setup_logging()
-    save_recipe(cfg)
     summary = preview_dataset(cfg, out, split=split, num=num, scan=scan)
+    save_recipe(cfg)  # after the preview: a recipe whose data fails leaves no run folder
     console.print(summary_table(summary))
     console.print(f"wrote [bold]{out}[/]")
