@@ -139,6 +139,8 @@ def _section_command(args, keep: str) -> str:
         "timing": ["--timing-runs", args.timing_runs],
     }  # fmt: skip
     cmd += sizes[keep]
+    if keep == "tokenizer" and args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     if keep in ("fvd", "adherence", "animate"):
         cmd += _overrides(args) + ["--seed", args.seed]
     if keep == "fvd" and args.devices > 1:
@@ -750,6 +752,13 @@ def parse_args(argv=None):
     ap.add_argument("--tok-num", type=int, default=64, help="clips per split and size (tokenizer)")
     ap.add_argument("--tok-sizes", default="64,128", help="tokenizer resolutions, comma-separated")
     ap.add_argument("--tok-frames", type=int, default=17, help="frames per tokenizer clip")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="score this tokenizer.safetensors in the tokenizer section instead of the "
+        "bundle's (a tokenizer trial, at the bundle's splits and sizes); needs every other "
+        "section skipped",
+    )
     ap.add_argument("--animate-num", type=int, default=32, help="pictures to animate")
     ap.add_argument("--timing-runs", type=int, default=3, help="walt sample runs (median)")
     ap.add_argument("--steps", default=None, help="override the bundle's DDIM steps: 50 or 50,25")
@@ -776,6 +785,10 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.num < 2 and not args.skip_fvd:
         ap.error("FVD needs --num >= 2")
+    if args.tokenizer and not all(getattr(args, f"skip_{s}") for s in SECTIONS[1:]):
+        ap.error(
+            "--tokenizer scores a tokenizer alone: add --skip-" + " --skip-".join(SECTIONS[1:])
+        )
     try:
         args.tok_sizes = [int(v) for v in args.tok_sizes.split(",")]
     except ValueError:
@@ -828,7 +841,16 @@ def _model_info(args) -> dict:
         "default_guidance": pipe.default_guidance(),
         "steps_override": args.steps,
         "guidance_override": args.guidance,
-    }
+    } | (_tokenizer_trial(args.tokenizer, pipe.hashes) if args.tokenizer else {})
+
+
+def _tokenizer_trial(path: str, hashes: dict) -> dict:
+    """`--tokenizer FILE`: the tokenizer section reads this file (and keys its cache by it)."""
+    from walt_cli.data.latents import file_hash
+    from walt_cli.models.tokenizer import CausalVideoTokenizer
+
+    CausalVideoTokenizer.from_checkpoint(path)  # a missing or foreign file: one line, exit 2
+    return {"tokenizer_file": str(path), "hashes": {**hashes, "tokenizer": file_hash(path)}}
 
 
 def main(argv=None) -> int:

@@ -17,11 +17,14 @@ through `walt_cli.pipelines.Pipeline` and scores it, then scores the real clips 
 resolution and length the model produced, for the row beside it. `--blur` and `--noise`
 damage the real clips first: how far the probe's reading holds on imperfect pixels.
 
-`--through tokenizer,sr1,...` scores real clips passed through one part of the model instead of
-sampling it: `tokenizer` encodes and decodes them at the model's resolution (what the decoder can
-show at best); `srN` downsamples them to the input resolution of SR stage N (as `walt tokenize
-encode --sr N` does for training), encodes, super-resolves from there to the model's resolution
-and decodes. Each row is the ceiling that part of the cascade leaves for the samples.
+`--through tokenizer,base,sr1,...` scores real clips passed through one part of the model
+instead of sampling it: `tokenizer` encodes and decodes them at the model's resolution (what the decoder can
+show at best); `base` downsamples them to the base stage's resolution (as `walt tokenize encode
+--sr 1` does for training), encodes and decodes them there, and scores them at that size (what
+the base's latents can show at best; `--real --size` scores the clips at that size without the
+tokenizer); `srN` downsamples them to the input resolution of SR stage N, encodes,
+super-resolves from there to the model's resolution and decodes. Each row is the ceiling that
+part of the cascade leaves for the samples.
 """
 
 from __future__ import annotations
@@ -106,9 +109,12 @@ def _through(args, pipe, part: str, ds, captions: list[str]):
     from walt_cli.systems.encode import downsample
 
     names = [s.name for s in pipe.stages]
-    if part != "tokenizer" and (part not in names or not pipe.stages[names.index(part)].is_sr):
+    known = part in ("tokenizer", "base") or (
+        part in names and pipe.stages[names.index(part)].is_sr
+    )
+    if not known:
         sr = [s.name for s in pipe.stages if s.is_sr]
-        raise WaltError(f"--through {part}: not a part of {args.model} (tokenizer, {sr})")
+        raise WaltError(f"--through {part}: not a part of {args.model} (tokenizer, base, {sr})")
     out = []
     for start in range(0, len(captions), args.batch):
         idx = range(start, min(start + args.batch, len(captions)))
@@ -116,6 +122,11 @@ def _through(args, pipe, part: str, ds, captions: list[str]):
         with torch.no_grad():
             if part == "tokenizer":
                 got = pipe.decode(pipe.encode(video))
+            elif part == "base":  # the tokenizer at the base stage's resolution
+                factor = 1
+                for s in pipe.stages:
+                    factor *= s.net.lowres_factor if s.is_sr else 1
+                got = pipe.decode(pipe.encode(downsample(video, factor)))
             else:
                 stage = names.index(part)
                 factor = 1
@@ -226,7 +237,7 @@ def main() -> None:
     ap.add_argument(
         "--through",
         default="",
-        help="--model: also score real clips passed through these parts (tokenizer,sr1,...)",
+        help="--model: also score real clips passed through these parts (tokenizer,base,sr1,...)",
     )
     ap.add_argument("--no-sample", action="store_true", help="--model: only the --through rows")
     args = ap.parse_args()
@@ -280,7 +291,9 @@ def main() -> None:
         videos_p = _through(args, _pipeline(args.model), part, ds, real_captions)
         with _one_thread():
             part_scores = score_batch(videos_p, real_captions)
-        rows.append(_row(f"real clips through `{part}`", args.num, (t, h, w), part_scores))
+        rows.append(
+            _row(f"real clips through `{part}`", args.num, videos_p.shape[1:4], part_scores)
+        )
         if args.details:
             print(f"\nreal clips through `{part}`:\n" + _confusion(videos_p, real_captions))
     real_name = "real held-out clips" + (f" ({damage})" if damage else "")

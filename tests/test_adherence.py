@@ -241,6 +241,42 @@ def test_bench_through_scores_real_clips_after_one_part_of_the_model(monkeypatch
         bench.main()
 
 
+def test_bench_through_base_scores_at_the_base_resolution(monkeypatch, capsys):
+    """`--through base` downsamples the real clips by the SR stages' factors, passes them through
+    the tokenizer there and scores them at that size (here a stand-in that keeps them: the row
+    reads what the real clips show)."""
+    import sys
+    from types import SimpleNamespace
+
+    base = SimpleNamespace(name="base", is_sr=False)
+    sr1 = SimpleNamespace(name="sr1", is_sr=True, net=SimpleNamespace(lowres_factor=2))
+    seen = []
+
+    class Standin:
+        resolution, clip_frames, stages = (64, 64), 5, [base, sr1]
+
+        @classmethod
+        def from_bundle(cls, path):
+            return cls()
+
+        def encode(self, video):
+            seen.append(tuple(video.shape[2:]))
+            return video
+
+        def decode(self, z):
+            return z
+
+    bench = _load_bench(monkeypatch, "probe_text_adherence", Standin)
+    monkeypatch.setattr(
+        sys, "argv", ["x", "--model", "m", "--num", "4", "--through", "base", "--no-sample"]
+    )
+    bench.main()
+    out = capsys.readouterr().out
+    assert seen and set(seen) == {(5, 32, 32)}
+    assert "| real clips through `base` | 4 | 5x32x32 | 100.0% | 100.0% | 100.0% |" in out
+    assert "| real held-out clips | 4 | 5x64x64 | 100.0% | 100.0% | 100.0% |" in out
+
+
 def _sensitivity_rows(monkeypatch, capsys, net, conditioning: str, encoder, argv):
     """Run `bench/probe_text_sensitivity.py` with `argv` on a stand-in pipeline whose base
     stage is `net` (conditioned on "text" through `encoder`, or on "class" labels), its

@@ -121,6 +121,32 @@ def test_untrained_bundle_is_the_architecture_with_fresh_weights(bench, text_run
     assert (out / "base.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_tokenizer_trial_scores_another_file(bench, text_run, tmp_path, capsys):
+    from walt_cli.data.latents import file_hash
+    from walt_cli.models.tokenizer import CausalVideoTokenizer
+    from walt_cli.pipelines.bundle import read_bundle
+
+    config = CausalVideoTokenizer.from_checkpoint(read_bundle(text_run).tokenizer).config
+    torch.manual_seed(1)
+    trial = CausalVideoTokenizer(**config).save(tmp_path / "trial.safetensors")
+    out = tmp_path / "eval"
+    skips = ["--skip-fvd", "--skip-adherence", "--skip-animate", "--skip-timing"]
+    assert bench.main([*_small(text_run, out), *skips]) == 0
+    own = json.loads((out / "result.json").read_text())["tokenizer"]["results"]
+    assert bench.main([*_small(text_run, out), *skips, "--tokenizer", str(trial)]) == 0
+    data = json.loads((out / "result.json").read_text())
+    assert data["model"]["tokenizer_file"] == str(trial)
+    got = data["tokenizer"]["results"]
+    assert [r["tokenizer"] for r in got] == [file_hash(trial)] * 2  # its own cache entries
+    assert [r["overall"] for r in got] != [r["overall"] for r in own]
+    assert f"--tokenizer {trial}" in capsys.readouterr().out  # the section's command
+    with pytest.raises(SystemExit) as err:  # the other sections would read the bundle's
+        bench.parse_args(["--tokenizer", str(trial), "--skip-fvd"])
+    assert err.value.code == 2
+    assert "--tokenizer scores a tokenizer alone" in capsys.readouterr().err
+    assert bench.main([*_small(text_run, out), *skips, "--tokenizer", str(out)]) == 2
+
+
 def test_bad_model_is_one_line(bench, tmp_path, capsys):
     assert bench.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

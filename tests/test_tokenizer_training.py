@@ -353,6 +353,65 @@ def test_cli_decoder_without_a_trained_tokenizer_is_one_line(cli, tmp_path: Path
     assert not (tmp_path / "run" / "decoder").exists()  # nothing written before the check
 
 
+def test_init_from_starts_a_fresh_run_from_trained_weights(tmp_path: Path):
+    from walt_cli.models.tokenizer import CausalVideoTokenizer
+    from walt_cli.systems.tokenizer import build_system
+
+    source = CausalVideoTokenizer.from_preset("tiny")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)  # weights no fresh preset has
+    path = source.save(tmp_path / "source.safetensors")
+    recipe = tiny(tmp_path, f"tokenizer.init_from={path}")
+    started = build_system(recipe).tokenizer.state_dict()
+    for k, v in source.state_dict().items():
+        assert torch.equal(started[k], v), k
+    system = build_system(recipe)
+    assert system.tokenizer.training  # both halves train
+    assert all(p.requires_grad for p in system.tokenizer.parameters())
+    # A resumed run (fresh=False) takes its weights from last.ckpt, not from the file.
+    key = "encoder.conv_in.conv.weight"
+    assert not torch.equal(
+        build_system(recipe, fresh=False).tokenizer.state_dict()[key], started[key]
+    )
+    # Trained on: the run resumes from its own state even once the source file is gone.
+    common = ("tokenizer.max_steps=2", "tokenizer.warmup_steps=1", "tokenizer.lr=1e-3")
+    first = train_tokenizer(tiny(tmp_path, f"tokenizer.init_from={path}", *common), progress=False)
+    path.unlink()
+    again = train_tokenizer(
+        tiny(tmp_path, f"tokenizer.init_from={path}", *common[1:], "tokenizer.max_steps=3"),
+        progress=False,
+    )
+    assert not first["resumed"] and again["resumed"] and again["step"] == 3
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "tokenizer.init_from: file not found: "),
+        ("other-preset", "is not the 'tiny' preset (differs in ['base_channels'"),
+        ("decoder", "tokenizer.init_from starts a training of the whole tokenizer; --decoder"),
+    ],
+)
+def test_cli_bad_init_from_is_one_line_and_writes_nothing(cli, tmp_path: Path, setup, message):
+    from walt_cli.models.tokenizer import CausalVideoTokenizer
+
+    path = tmp_path / "source.safetensors"
+    if setup != "missing":
+        CausalVideoTokenizer.from_preset("shapes" if setup == "other-preset" else "tiny").save(path)
+    extra = ("--decoder",) if setup == "decoder" else ()
+    if setup == "decoder":  # a trained tokenizer for --decoder to start from
+        CausalVideoTokenizer.from_preset("tiny").save(tmp_path / "trained.safetensors")
+        extra += (f"tokenizer.checkpoint={tmp_path / 'trained.safetensors'}",)
+    result = cli(
+        "tokenize", "train", TINY, f"run_dir={tmp_path}/run", f"tokenizer.init_from={path}",
+        *extra, "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()  # nothing written before the check
+
+
 def test_a_run_with_a_fine_tuned_decoder_samples_and_exports(tmp_path: Path):
     """Stages trained on latents of the run's tokenizer accept the decoder fine-tuned on it: the
     run and its exported bundle load, decode with decoder/, and sample."""

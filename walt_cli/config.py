@@ -97,6 +97,8 @@ class TokenizerConfig:
 
     preset: str = "tiny"  # tiny | shapes | paper | paper-image
     checkpoint: str | None = None  # use these weights (skip training); default: the run's own
+    init_from: str | None = None  # start a new run from these weights (both halves, a
+    # tokenizer.safetensors of this preset): fine-tune a trained tokenizer on this recipe's data
     max_steps: int = 100_000
     lr: float = 1e-4
     warmup_steps: int = 1000
@@ -311,6 +313,7 @@ _PATH_KEYS = (
     "data.split_dir",
     "data.images",
     "tokenizer.checkpoint",
+    "tokenizer.init_from",
     "tokenizer.perceptual_path",
     "base.latents",
     "base.init_from",

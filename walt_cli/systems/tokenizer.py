@@ -38,6 +38,7 @@ import lightning as L
 import torch
 from einops import rearrange
 
+from walt_cli.errors import WaltError
 from walt_cli.losses.gan import LeCam, d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 from walt_cli.losses.perceptual import build_perceptual, psnr, reconstruction_loss
 from walt_cli.models.discriminator import Discriminator3D
@@ -370,10 +371,29 @@ class TokenizerSystem(L.LightningModule):
             self._perceptual[0] = self.perceptual.to(self.device)
 
 
-def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
-    """The training system a recipe describes: a fresh tokenizer from the preset, or with
-    `decoder` the run's trained tokenizer (`tokenizer.checkpoint` or its own) with the encoder
-    frozen."""
+def init_tokenizer(preset: str, path: Path) -> CausalVideoTokenizer:
+    """`tokenizer.init_from`: a trained tokenizer of the recipe's preset, to train on (both
+    halves). A missing file or another architecture is a one-line error."""
+    if not path.is_file():
+        raise WaltError(
+            f"tokenizer.init_from: file not found: {path} (train the tokenizer it names first, "
+            "or set tokenizer.init_from=null)"
+        )
+    tok = CausalVideoTokenizer.from_checkpoint(path).train()
+    with torch.device("meta"):  # the preset's config, without allocating its weights
+        want = CausalVideoTokenizer.from_preset(preset).config
+    differ = sorted(k for k in want if tok.config.get(k) != want[k])
+    if differ:
+        raise WaltError(
+            f"tokenizer.init_from: {path} is not the {preset!r} preset (differs in {differ})"
+        )
+    return tok
+
+
+def build_system(recipe, *, decoder: bool = False, fresh: bool = True) -> TokenizerSystem:
+    """The training system a recipe describes: a fresh tokenizer from the preset (or, for a
+    `fresh` run with `tokenizer.init_from`, those weights), or with `decoder` the run's trained
+    tokenizer (`tokenizer.checkpoint` or its own) with the encoder frozen."""
     from walt_cli.data.latents import file_hash
     from walt_cli.models.checkpoint import read_metadata
     from walt_cli.models.tokenizer import CHECKPOINT_KIND
@@ -388,6 +408,8 @@ def build_system(recipe, *, decoder: bool = False) -> TokenizerSystem:
         # naming the first.
         _, extra = read_metadata(source, kind=CHECKPOINT_KIND)  # the header alone
         encoder_of = extra.get("encoder_of") or file_hash(source)
+    elif k.init_from and fresh:
+        tok = init_tokenizer(k.preset, Path(k.init_from))
     else:
         tok = CausalVideoTokenizer.from_preset(k.preset)
     return TokenizerSystem(
@@ -434,14 +456,21 @@ def train_tokenizer(
     stage_dir = Path(recipe.run_dir) / (DECODER_STAGE if decoder else "tokenizer")
     if decoder:
         tokenizer_path(recipe)  # no trained tokenizer to start from: one line, nothing written
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe)
+        if recipe.tokenizer.init_from:
+            raise WaltError(
+                "tokenizer.init_from starts a training of the whole tokenizer; --decoder "
+                "fine-tunes tokenizer.checkpoint (or the run's own tokenizer): set that instead"
+            )
+    resume = last_checkpoint(stage_dir)
     train_loader, val_loader, train_set, val_set = data_loaders(
         recipe, shuffle_seed=recipe.trainer.seed
     )
-    system = build_system(recipe, decoder=decoder)
+    # A resumed run restores its own weights: the init_from file is read (and checked) only
+    # for a fresh one, before anything is written.
+    system = build_system(recipe, decoder=decoder, fresh=resume is None)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe)
     k, d = recipe.tokenizer, recipe.data
-    resume = last_checkpoint(stage_dir)
 
     tok = system.tokenizer
     trained = sum(p.numel() for p in tok.parameters() if p.requires_grad)
@@ -461,6 +490,7 @@ def train_tokenizer(
                     (
                         "tokenizer",
                         f"{k.preset}: {human_count(tok.num_parameters())} parameters"
+                        + (f", from {k.init_from}" if k.init_from and resume is None else "")
                         if not decoder
                         else f"{tokenizer_path(recipe)}: decoder {human_count(trained)} "
                         f"parameters trained, encoder {human_count(frozen)} frozen",
