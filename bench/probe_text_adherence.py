@@ -18,11 +18,11 @@ resolution and length the model produced, for the row beside it. `--blur` and `-
 damage the real clips first: how far the probe's reading holds on imperfect pixels.
 
 `--through tokenizer,base,sr1,...` scores real clips passed through one part of the model
-instead of sampling it: `tokenizer` encodes and decodes them at the model's resolution (what the decoder can
-show at best); `base` downsamples them to the base stage's resolution (as `walt tokenize encode
---sr 1` does for training), encodes and decodes them there, and scores them at that size (what
-the base's latents can show at best; `--real --size` scores the clips at that size without the
-tokenizer); `srN` downsamples them to the input resolution of SR stage N, encodes,
+instead of sampling it: `tokenizer` encodes and decodes them at the model's resolution (what
+the decoder can show at best); `base` downsamples them to the base stage's resolution (as `walt
+tokenize encode --sr 1` does for training), encodes and decodes them there, and scores them at
+that size (what the base's latents can show at best; `--real --size` scores the clips at that
+size without the tokenizer); `srN` downsamples them to the input resolution of SR stage N, encodes,
 super-resolves from there to the model's resolution and decodes. Each row is the ceiling that
 part of the cascade leaves for the samples.
 """
