@@ -847,9 +847,10 @@ def _model_info(args) -> dict:
 def _tokenizer_trial(path: str, hashes: dict) -> dict:
     """`--tokenizer FILE`: the tokenizer section reads this file (and keys its cache by it)."""
     from walt_cli.data.latents import file_hash
-    from walt_cli.models.tokenizer import CausalVideoTokenizer
+    from walt_cli.models.checkpoint import read_metadata
+    from walt_cli.models.tokenizer import CHECKPOINT_KIND
 
-    CausalVideoTokenizer.from_checkpoint(path)  # a missing or foreign file: one line, exit 2
+    read_metadata(path, kind=CHECKPOINT_KIND)  # a missing or foreign file: one line, exit 2
     return {"tokenizer_file": str(path), "hashes": {**hashes, "tokenizer": file_hash(path)}}
 
 

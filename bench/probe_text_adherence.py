@@ -22,9 +22,9 @@ instead of sampling it: `tokenizer` encodes and decodes them at the model's reso
 the decoder can show at best); `base` downsamples them to the base stage's resolution (as `walt
 tokenize encode --sr 1` does for training), encodes and decodes them there, and scores them at
 that size (what the base's latents can show at best; `--real --size` scores the clips at that
-size without the tokenizer); `srN` downsamples them to the input resolution of SR stage N, encodes,
-super-resolves from there to the model's resolution and decodes. Each row is the ceiling that
-part of the cascade leaves for the samples.
+size without the tokenizer); `srN` downsamples them to the input resolution of SR stage N,
+encodes, super-resolves from there to the model's resolution and decodes. Each row is the
+ceiling that part of the cascade leaves for the samples.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import platform
 import sys
 import time
@@ -98,6 +99,11 @@ def _generate(args, captions: list[str]):
     return np.concatenate(out)
 
 
+def _upscale(stages) -> int:
+    """How many times the SR stages among `stages` enlarge a frame's side, together."""
+    return math.prod(s.net.lowres_factor for s in stages if s.is_sr)
+
+
 def _through(args, pipe, part: str, ds, captions: list[str]):
     """uint8 (N, T, H, W, 3): the real clips of `ds` through one part of the model (--through)."""
     import numpy as np
@@ -123,16 +129,10 @@ def _through(args, pipe, part: str, ds, captions: list[str]):
             if part == "tokenizer":
                 got = pipe.decode(pipe.encode(video))
             elif part == "base":  # the tokenizer at the base stage's resolution
-                factor = 1
-                for s in pipe.stages:
-                    factor *= s.net.lowres_factor if s.is_sr else 1
-                got = pipe.decode(pipe.encode(downsample(video, factor)))
+                got = pipe.decode(pipe.encode(downsample(video, _upscale(pipe.stages))))
             else:
                 stage = names.index(part)
-                factor = 1
-                for s in pipe.stages[stage:]:
-                    factor *= s.net.lowres_factor
-                z_low = pipe.encode(downsample(video, factor))
+                z_low = pipe.encode(downsample(video, _upscale(pipe.stages[stage:])))
                 sub = Pipeline(
                     pipe.tokenizer,
                     pipe.stages[stage:],
