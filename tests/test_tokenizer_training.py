@@ -430,3 +430,28 @@ def test_a_run_with_a_fine_tuned_decoder_samples_and_exports(tmp_path: Path):
         assert video.shape == (1, 9, 32, 32, 3)
     exported = _tensors(read_bundle(bundle).tokenizer)
     assert all(torch.equal(exported[k], v) for k, v in _tensors(index.tokenizer).items())
+
+
+def test_a_decoder_fine_tuned_from_a_fine_tuned_decoder_is_the_runs(tmp_path: Path):
+    """A bundle's tokenizer is often a fine-tuned decoder already (the shipped model's is): a run
+    that takes it as `tokenizer.checkpoint` and fine-tunes on decodes with the new decoder, whose
+    latents are still those of the first file; a decoder of another encoder is refused."""
+    from walt_cli.models.checkpoint import read_metadata, save_weights
+    from walt_cli.models.tokenizer import CausalVideoTokenizer
+    from walt_cli.pipelines.bundle import _run_tokenizer
+
+    tok = CausalVideoTokenizer.from_preset("tiny")
+    first = save_weights(
+        tmp_path / "bundle.safetensors", tok, kind="tokenizer", config=tok.config,
+        extra={"encoder_of": "0123456789abcdef"},
+    )  # fmt: skip
+    recipe = tiny(tmp_path, f"tokenizer.checkpoint={first}", "tokenizer.max_steps=1")
+    tuned = train_tokenizer(recipe, progress=False, decoder=True)
+    assert read_metadata(tuned["weights"], kind="tokenizer")[1]["encoder_of"] == "0123456789abcdef"
+    section = {"tokenizer": {"checkpoint": str(first)}}
+    assert _run_tokenizer(tmp_path / "run", section) == Path(tuned["weights"])
+    save_weights(
+        first, tok, kind="tokenizer", config=tok.config, extra={"encoder_of": "fedcba9876543210"}
+    )
+    with pytest.raises(WaltError, match=r"decoder/tokenizer.safetensors: its encoder is not"):
+        _run_tokenizer(tmp_path / "run", section)

@@ -206,8 +206,8 @@ def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
     """The tokenizer file a run decodes with: its fine-tuned decoder (decoder/, `walt tokenize
     train --decoder`) when there is one, else the recipe's `tokenizer.checkpoint` or the run's
     tokenizer/. A fine-tuned decoder names the file whose encoder it kept (`encoder_of`, the
-    short sha256 latents are keyed by); one made from another tokenizer (one retrained since) is
-    refused."""
+    short sha256 latents are keyed by; a fine-tune of a fine-tune names the first file); one made
+    from another tokenizer (one retrained since) is refused."""
     from walt_cli.data.latents import file_hash
 
     tok_section = recipe.get("tokenizer") or {}
@@ -217,7 +217,10 @@ def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
     tuned = root / "decoder" / "tokenizer.safetensors"
     if not tuned.is_file():
         return tok
-    if _read_extra(tuned, "tokenizer").get("encoder_of") != file_hash(tok):
+    # `tok` may itself be a fine-tuned decoder (a bundle's tokenizer given as the checkpoint):
+    # a fine-tune of it names the file that first encoded, as `tok` does.
+    encoder = _read_extra(tok, "tokenizer").get("encoder_of") or file_hash(tok)
+    if _read_extra(tuned, "tokenizer").get("encoder_of") != encoder:
         raise WaltError(
             f"{tuned}: its encoder is not the one of {tok} (the tokenizer changed after the "
             "decoder was fine-tuned); rerun `walt tokenize train --decoder` or remove "
