@@ -432,26 +432,38 @@ def test_a_run_with_a_fine_tuned_decoder_samples_and_exports(tmp_path: Path):
     assert all(torch.equal(exported[k], v) for k, v in _tensors(index.tokenizer).items())
 
 
-def test_a_decoder_fine_tuned_from_a_fine_tuned_decoder_is_the_runs(tmp_path: Path):
-    """A bundle's tokenizer is often a fine-tuned decoder already (the shipped model's is): a run
-    that takes it as `tokenizer.checkpoint` and fine-tunes on decodes with the new decoder, whose
-    latents are still those of the first file; a decoder of another encoder is refused."""
-    from walt_cli.models.checkpoint import read_metadata, save_weights
-    from walt_cli.models.tokenizer import CausalVideoTokenizer
-    from walt_cli.pipelines.bundle import _run_tokenizer
+def test_a_second_decoder_fine_tune_exports_with_the_first_runs_stages(tmp_path: Path):
+    """`make default-decoder`: a run of its own fine-tunes the decoder of a run's fine-tuned
+    decoder (`tokenizer.checkpoint`), takes that run's stage files and exports a bundle that
+    samples; the stages were trained on latents of the first file, which both decoders name."""
+    import shutil
 
-    tok = CausalVideoTokenizer.from_preset("tiny")
-    first = save_weights(
-        tmp_path / "bundle.safetensors", tok, kind="tokenizer", config=tok.config,
-        extra={"encoder_of": "0123456789abcdef"},
-    )  # fmt: skip
-    recipe = tiny(tmp_path, f"tokenizer.checkpoint={first}", "tokenizer.max_steps=1")
-    tuned = train_tokenizer(recipe, progress=False, decoder=True)
-    assert read_metadata(tuned["weights"], kind="tokenizer")[1]["encoder_of"] == "0123456789abcdef"
-    section = {"tokenizer": {"checkpoint": str(first)}}
-    assert _run_tokenizer(tmp_path / "run", section) == Path(tuned["weights"])
-    save_weights(
-        first, tok, kind="tokenizer", config=tok.config, extra={"encoder_of": "fedcba9876543210"}
+    from pipeline_helpers import make_run
+
+    from walt_cli.config import load_recipe
+    from walt_cli.data.latents import file_hash
+    from walt_cli.models.checkpoint import read_metadata
+    from walt_cli.pipelines import Pipeline, export_bundle, read_bundle
+
+    run = make_run(tmp_path / "run", sr=False, sample="steps: [2]")
+    common = ("tokenizer.max_steps=1", "tokenizer.warmup_steps=1")
+    first = train_tokenizer(tiny(tmp_path, *common), progress=False, decoder=True)
+    second_run = tmp_path / "run2"
+    recipe = load_recipe(
+        TINY, [f"run_dir={second_run}", f"tokenizer.checkpoint={first['weights']}", *common]
     )
-    with pytest.raises(WaltError, match=r"decoder/tokenizer.safetensors: its encoder is not"):
-        _run_tokenizer(tmp_path / "run", section)
+    second = train_tokenizer(recipe, progress=False, decoder=True)
+    encoder_of = read_metadata(second["weights"], kind="tokenizer")[1]["encoder_of"]
+    assert encoder_of == file_hash(run / "tokenizer" / "tokenizer.safetensors")
+    (second_run / "base").mkdir()
+    shutil.copy(run / "base" / "base.safetensors", second_run / "base")
+    bundle = export_bundle(second_run, tmp_path / "bundle")
+    assert _tensors(read_bundle(bundle).tokenizer).keys() == _tensors(second["weights"]).keys()
+    video = Pipeline.from_bundle(bundle, device="cpu").generate(seeds=[0], labels=[1])
+    assert video.shape == (1, 9, 32, 32, 3)
+    # A decoder of another encoder is refused, in one line.
+    other = train_tokenizer(tiny(tmp_path / "other", *common), progress=False)
+    shutil.copy(other["weights"], first["weights"])
+    with pytest.raises(WaltError, match=r"decoder/tokenizer.safetensors: its encoder is not") as e:
+        read_bundle(second_run)
+    assert "\n" not in str(e.value)
