@@ -460,7 +460,7 @@ def test_a_second_decoder_fine_tune_exports_with_the_first_runs_stages(tmp_path:
     (second_run / "base").mkdir()
     shutil.copy(run / "base" / "base.safetensors", second_run / "base")
     bundle = export_bundle(second_run, tmp_path / "bundle")
-    assert _tensors(read_bundle(bundle).tokenizer).keys() == _tensors(second["weights"]).keys()
+    assert file_hash(read_bundle(bundle).tokenizer) == file_hash(second["weights"])
     video = Pipeline.from_bundle(bundle, device="cpu").generate(seeds=[0], labels=[1])
     assert video.shape == (1, 9, 32, 32, 3)
     # A decoder of another encoder is refused, in one line.

@@ -48,6 +48,17 @@ def file_hash(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def encoder_key(path: str | os.PathLike) -> str:
+    """The key of the latents a tokenizer file encodes: the file that first encoded them, which a
+    fine-tuned decoder (`walt tokenize train --decoder`, its encoder frozen) names as
+    `encoder_of`, else the file's own short sha256."""
+    from walt_cli.models.checkpoint import read_metadata
+    from walt_cli.models.tokenizer import CHECKPOINT_KIND
+
+    _, extra = read_metadata(path, kind=CHECKPOINT_KIND)  # the header alone
+    return extra.get("encoder_of") or file_hash(path)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     rows: list[dict]

@@ -208,7 +208,7 @@ def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
     tokenizer/. A fine-tuned decoder names the file whose encoder it kept (`encoder_of`, the
     short sha256 latents are keyed by; a fine-tune of a fine-tune names the first file); one made
     from another tokenizer (one retrained since) is refused."""
-    from walt_cli.data.latents import file_hash
+    from walt_cli.data.latents import encoder_key
 
     tok_section = recipe.get("tokenizer") or {}
     tok = Path(tok_section.get("checkpoint") or root / "tokenizer" / "tokenizer.safetensors")
@@ -219,8 +219,7 @@ def _run_tokenizer(root: Path, recipe: dict[str, Any]) -> Path:
         return tok
     # `tok` may itself be a fine-tuned decoder (a bundle's tokenizer given as the checkpoint):
     # a fine-tune of it names the file that first encoded, as `tok` does.
-    encoder = _read_extra(tok, "tokenizer").get("encoder_of") or file_hash(tok)
-    if _read_extra(tuned, "tokenizer").get("encoder_of") != encoder:
+    if _read_extra(tuned, "tokenizer").get("encoder_of") != encoder_key(tok):
         raise WaltError(
             f"{tuned}: its encoder is not the one of {tok} (the tokenizer changed after the "
             "decoder was fine-tuned); rerun `walt tokenize train --decoder` or remove "

@@ -394,9 +394,7 @@ def build_system(recipe, *, decoder: bool = False, fresh: bool = True) -> Tokeni
     """The training system a recipe describes: a fresh tokenizer from the preset (or, for a
     `fresh` run with `tokenizer.init_from`, those weights), or with `decoder` the run's trained
     tokenizer (`tokenizer.checkpoint` or its own) with the encoder frozen."""
-    from walt_cli.data.latents import file_hash
-    from walt_cli.models.checkpoint import read_metadata
-    from walt_cli.models.tokenizer import CHECKPOINT_KIND
+    from walt_cli.data.latents import encoder_key
     from walt_cli.systems.encode import tokenizer_path
 
     k = recipe.tokenizer
@@ -406,8 +404,7 @@ def build_system(recipe, *, decoder: bool = False, fresh: bool = True) -> Tokeni
         tok = CausalVideoTokenizer.from_checkpoint(source).train()
         # Latents are keyed by the file that encoded them: a fine-tune of a fine-tune keeps
         # naming the first.
-        _, extra = read_metadata(source, kind=CHECKPOINT_KIND)  # the header alone
-        encoder_of = extra.get("encoder_of") or file_hash(source)
+        encoder_of = encoder_key(source)
     elif k.init_from and fresh:
         tok = init_tokenizer(k.preset, Path(k.init_from))
     else:
