@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from walt_cli.errors import WaltError
-from walt_cli.models.transformer import PRESETS, WALT, Conditioning, describe_windows
+from walt_cli.models.embeddings import sincos_table
+from walt_cli.models.transformer import (
+    PRESETS,
+    WALT,
+    Conditioning,
+    describe_windows,
+    locality_slopes,
+)
 
 C_IN = 25  # 3c + 1 with c = 8
 
@@ -201,6 +208,65 @@ def test_full_attention_equals_windows_covering_the_grid():
     small = _tiny()  # STW windows 5x4x4 are not full attention
     small_out = small(x, t, cond)
     assert not torch.allclose(small_out, windowed(x, t, cond))
+
+
+def test_locality_and_sincos_inits_change_only_their_tables():
+    """The recipe's `bias_init: locality` and `pos_init: sincos` move the bias and position
+    tables to their priors and leave every other weight as the same seed draws it; neither is
+    part of the config, so weights trained from either load into (and init_from) plain nets."""
+    assert locality_slopes(5) == [2.0, 1.0, 0.5, 0.25, 0.0]
+    assert locality_slopes(1) == [1.0]
+    torch.manual_seed(0)
+    plain = WALT.from_preset("tiny", heads=4)
+    torch.manual_seed(0)
+    prior = WALT.from_preset("tiny", heads=4, bias_init="locality", pos_init="sincos")
+    assert prior.config == plain.config
+    a, b = plain.state_dict(), prior.state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    tables = {k for k in a if k.endswith(".bias.table")}
+    assert moved == tables | {"pos_embed.spatial", "pos_embed.temporal"}
+
+    # Bias: head h loses slope_h per token of spatial distance, whatever the temporal offset.
+    for key in tables:
+        diff = b[key] - a[key]  # (heads, 2wt-1, 2wh-1, 2ww-1)
+        wh, ww = (diff.shape[2] + 1) // 2, (diff.shape[3] + 1) // 2
+        dh = torch.arange(1 - wh, wh)[:, None].float()
+        dw = torch.arange(1 - ww, ww)[None, :].float()
+        want = -torch.tensor([2.0, 1.0, 0.5, 0.0])[:, None, None] * (dh**2 + dw**2).sqrt()
+        torch.testing.assert_close(diff, want[:, None].expand_as(diff))
+    # One step right costs head 0 two logits, the last (global) head nothing.
+    bias = prior.blocks[0].attn.bias((1, 8, 8)) - plain.blocks[0].attn.bias((1, 8, 8))
+    torch.testing.assert_close(bias[:, 0, 1], torch.tensor([-2.0, -1.0, -0.5, 0.0]))
+
+    # Positions: rows in the first half of the channels, columns in the second, frames in all.
+    spatial, temporal = b["pos_embed.spatial"], b["pos_embed.temporal"]  # (8, 8, 64), (5, 64)
+    torch.testing.assert_close(spatial[:, 3, :32], sincos_table(8, 32))
+    torch.testing.assert_close(spatial[5, :, 32:], sincos_table(8, 32))
+    torch.testing.assert_close(temporal, sincos_table(5, 64))
+    row1 = torch.tensor([1.0, 0.01])  # sincos_table(2, 5): angles 1 and 1/100 at position 1
+    want = torch.stack([row1.sin(), row1.cos()], -1).flatten()
+    torch.testing.assert_close(sincos_table(2, 5)[1], torch.cat([want, torch.zeros(1)]))
+    x, t = _inputs()
+    assert torch.isfinite(prior(x, t)).all()
+    with pytest.raises(WaltError, match="bias_init"):
+        WALT.from_preset("tiny", bias_init="alibi")
+
+
+def test_recipe_inits_reach_the_stage_network():
+    from pathlib import Path
+
+    from walt_cli.config import load_recipe
+    from walt_cli.systems.common import build_network
+
+    recipe_path = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+    keys = ["base.bias_init=locality", "base.pos_init=sincos"]
+    net = build_network(load_recipe(recipe_path, keys).base, (5, 8, 8), 8)
+    torch.testing.assert_close(net.pos_embed.temporal, sincos_table(5, net.width))
+    table = net.blocks[0].attn.bias.table  # (4 heads, 1, 15, 15), centre (0, 7, 7)
+    step = table[:, 0, 7, 8] - table[:, 0, 7, 7]  # one token right, minus N(0, 0.02) noise
+    torch.testing.assert_close(step, torch.tensor([-2.0, -1.0, -0.5, 0.0]), atol=0.2, rtol=0)
+    plain = build_network(load_recipe(recipe_path).base, (5, 8, 8), 8)
+    assert plain.pos_embed.temporal.abs().max() < 0.1
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -143,6 +143,11 @@ class DenoiserConfig:
     num_classes: int = 0  # class-conditional with this many classes; 0 = no class labels
     text_dim: int | None = None  # width of the text states in the latent shards (the encoder's D)
     cross_attention: str = "spatial"  # text cross-attention in the spatial layers or in all layers
+    # Starts of a new network (a checkpoint's weights replace them): the relative bias tables at
+    # random (Swin's) or at a locality prior (-slope x distance, per head); the position tables
+    # at random or at sin-cos tables. README, "The default model", measures both.
+    bias_init: str = "random"  # random | locality
+    pos_init: str = "random"  # random | sincos
     gradient_checkpointing: bool = False
     batch_size: int | None = None  # per device (default: data.batch_size)
     # micro-batches of batch_size per optimizer step: global batch = batch_size x devices x this
@@ -629,7 +634,7 @@ def _validate_trainer(t: TrainerConfig, source: str) -> None:
 
 def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
     """The checks every diffusion stage shares; `key` is its recipe path (base, sr[0], ...)."""
-    from walt_cli.models.transformer import PRESETS
+    from walt_cli.models.transformer import BIAS_INITS, POS_INITS, PRESETS
 
     def check(ok: bool, sub: str, message: str) -> None:
         _check(ok, source, f"{key}.{sub}", message)
@@ -658,6 +663,14 @@ def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
         b.cross_attention in ("spatial", "all"),
         "cross_attention",
         f"must be spatial or all, got {b.cross_attention!r}",
+    )
+    check(
+        b.bias_init in BIAS_INITS,
+        "bias_init",
+        f"must be {' or '.join(BIAS_INITS)}, got {b.bias_init!r}",
+    )
+    check(
+        b.pos_init in POS_INITS, "pos_init", f"must be {' or '.join(POS_INITS)}, got {b.pos_init!r}"
     )
     check(
         b.optimizer in ("adamw", "adafactor"),

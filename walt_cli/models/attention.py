@@ -152,6 +152,20 @@ class RelativePositionBias(nn.Module):
             cache[key] = self._gather(window)
         return cache[key]
 
+    @torch.no_grad()
+    def add_locality_prior(self, slopes: list[float]) -> None:
+        """Subtract slope_h x (spatial distance in tokens) from head h's table, the same for
+        every temporal offset: an ALiBi-like start [Press et al. 2022] in which each head first
+        looks near the query, at its own range (slope 0: the head stays global)."""
+        if len(slopes) != self.table.shape[0]:
+            raise WaltError(f"{len(slopes)} locality slopes for {self.table.shape[0]} heads")
+        _, wh, ww = self.window
+        dh = torch.arange(1 - wh, wh, dtype=torch.float32)[:, None]
+        dw = torch.arange(1 - ww, ww, dtype=torch.float32)[None, :]
+        distance = (dh**2 + dw**2).sqrt().to(self.table)  # (2wh-1, 2ww-1)
+        slope = torch.tensor(slopes, dtype=self.table.dtype, device=self.table.device)
+        self.table.sub_(slope[:, None, None, None] * distance)
+
     def _gather(self, window: Window) -> Tensor:
         index = relative_index(window, self.window, self.table.device)
         return self.table.flatten(1)[:, index]  # (heads, N, N)

@@ -83,6 +83,18 @@ class PositionEmbedding(nn.Module):
         return self.spatial[None, None] + temporal[:, :, None, None, :]
 
     @torch.no_grad()
+    def init_sincos(self) -> None:
+        """Replace both tables by fixed-frequency sin-cos tables (they stay learned): the first
+        half of the channels encodes the row, the second the column, and the temporal table
+        the frame over all channels. Each has rms 0.71 where the default start has 0.02."""
+        (h, w), width = self.grid, self.spatial.shape[-1]
+        half = width // 2
+        rows = sincos_table(h, half)[:, None, :].expand(h, w, half)
+        cols = sincos_table(w, width - half)[None, :, :].expand(h, w, width - half)
+        self.spatial.copy_(torch.cat([rows, cols], dim=-1))
+        self.temporal.copy_(sincos_table(self.frames, width))
+
+    @torch.no_grad()
     def resize(self, frames: int, grid: tuple[int, int]) -> None:
         """Interpolate to a new token grid (bicubic) and clip length (linear)."""
         if tuple(grid) != self.grid:
@@ -93,6 +105,16 @@ class PositionEmbedding(nn.Module):
             temporal = self.temporal.data.t()[None]  # (1, D, T)
             temporal = F.interpolate(temporal, size=frames, mode="linear", align_corners=True)
             self.temporal = nn.Parameter(temporal[0].t().contiguous())
+
+
+def sincos_table(positions: int, dim: int) -> Tensor:
+    """(positions, dim) Transformer position encoding [Vaswani et al. 2017]: channel 2i holds
+    sin(p / 10000^(2i/dim)) and channel 2i+1 the cosine of the same angle (the frequencies of
+    `sinusoidal_embedding`, interleaved; an odd last channel is 0)."""
+    half = dim // 2
+    emb = sinusoidal_embedding(torch.arange(positions), 2 * half)  # (positions, [cos | sin])
+    out = torch.stack([emb[:, half:], emb[:, :half]], dim=-1).flatten(1)
+    return F.pad(out, (0, dim - 2 * half))
 
 
 def rearrange_hw_first(x: Tensor) -> Tensor:

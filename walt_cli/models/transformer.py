@@ -58,6 +58,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+BIAS_INITS = ("random", "locality")
+POS_INITS = ("random", "sincos")
+
+
+def locality_slopes(heads: int) -> list[float]:
+    """Per-head slopes of the "locality" bias init: 2, 1, 1/2, ... halving per head, and 0 for
+    the last head, which starts global (ALiBi's geometric slopes [Press et al. 2022], steeper,
+    because a window spans a few tokens, not a few thousand). A single head gets slope 1."""
+    if heads == 1:
+        return [1.0]
+    return [2.0 ** (1 - h) for h in range(heads - 1)] + [0.0]
+
+
 @dataclass
 class Conditioning:
     """Everything besides the input channels and the time that the network is conditioned on.
@@ -334,6 +347,11 @@ class WALT(nn.Module):
             reads one value per f x f cell and upsamples it with its own depth-to-space
             convolution (DESIGN §5).
         noise_level_cond: embed `Conditioning.noise_level` (SR noise augmentation) into AdaLN.
+        bias_init: start of the relative position bias tables: "random" (N(0, 0.02), Swin's) or
+            "locality" (`locality_slopes`: head h starts at -slope_h x spatial distance).
+        pos_init: start of the position tables: "random" (N(0, 0.02)) or "sincos" (fixed
+            sin-cos tables, `PositionEmbedding.init_sincos`). Neither init is part of `config`:
+            it shapes no weight, and loaded weights (a checkpoint, `init_from`) replace it.
 
     Parameter count = `sum(p.numel() for p in net.parameters())`: every learned tensor (patch
     embedding, position tables, relative position bias tables, embedders, AdaLN, blocks, final
@@ -367,6 +385,8 @@ class WALT(nn.Module):
         lowres_factor: int = 0,
         noise_level_cond: bool = False,
         cross_attention: str = "spatial",
+        bias_init: str = "random",
+        pos_init: str = "random",
     ) -> None:
         super().__init__()
         latent_size = tuple(int(n) for n in latent_size)  # type: ignore[assignment]
@@ -389,6 +409,11 @@ class WALT(nn.Module):
             )
         if cross_attention not in ("spatial", "all"):
             raise WaltError(f"cross_attention must be spatial or all, got {cross_attention!r}")
+        if bias_init not in BIAS_INITS or pos_init not in POS_INITS:
+            raise WaltError(
+                f"bias_init must be one of {BIAS_INITS} and pos_init one of {POS_INITS}, "
+                f"got {bias_init!r} and {pos_init!r}"
+            )
         if adaln_lora_rank < 0 or num_classes < 0 or lowres_factor < 0:
             raise WaltError("adaln_lora_rank, num_classes and lowres_factor must be >= 0")
         default_in = 3 * latent_channels + 1 + (latent_channels if lowres_factor else 0)
@@ -466,6 +491,14 @@ class WALT(nn.Module):
         )
         self.final = FinalLayer(width, patch_size**2 * latent_channels)
         self._init_weights()
+        # Both priors are deterministic (they draw no random numbers), so every other weight
+        # starts as it would without them.
+        if bias_init == "locality":
+            for block in self.blocks:
+                if block.attn.bias is not None:
+                    block.attn.bias.add_locality_prior(locality_slopes(heads))
+        if pos_init == "sincos":
+            self.pos_embed.init_sincos()
 
     # ------------------------------------------------------------------ construction
 

@@ -825,6 +825,17 @@ def denoiser_rows(
         ),
         ("latent", f"({channels}, {frames}, {h}, {w}): {tokens} tokens per sample"),
         ("windows", describe_windows(net)),
+        (
+            "init",
+            f"relative bias {b.bias_init}, positions {b.pos_init}"
+            + (
+                " (replaced by the resumed weights)"
+                if resume
+                else " (replaced by init_from's weights)"
+                if getattr(b, "init_from", None)
+                else ""
+            ),
+        ),
         ("conditioning", ", ".join(c for c in conditions if c)),
         ("data", source),
         (
@@ -885,6 +896,8 @@ def build_network(section, latent_size: tuple[int, int, int], latent_channels: i
         num_classes=b.num_classes,
         text_dim=b.text_dim,
         cross_attention=b.cross_attention,
+        bias_init=b.bias_init,
+        pos_init=b.pos_init,
         **extra,
     )
     net.gradient_checkpointing = b.gradient_checkpointing
