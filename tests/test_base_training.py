@@ -285,6 +285,7 @@ def test_cli_train_base_then_rerun_resumes(cli, tmp_path: Path):
         "parameters",
         "tokens per sample",
         "SW 1x4x4, STW 3x2x2",
+        "bias random, positions random",
         "SDPA",
         "base.safetensors",
         "memory plan",  # walt plan's prediction for this run
@@ -294,6 +295,7 @@ def test_cli_train_base_then_rerun_resumes(cli, tmp_path: Path):
     result = cli(*args[:-2], "base.max_steps=3", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output and "step 3:" in result.output
+    assert "resumed weights replace both" in result.output
 
 
 def test_cli_without_latents_says_what_to_run(cli, tmp_path: Path):

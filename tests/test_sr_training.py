@@ -280,6 +280,14 @@ def test_init_from_resizes_trained_weights_to_the_new_grid(tmp_path: Path):
                      tmp_path / "square.safetensors")  # fmt: skip
     with pytest.raises(WaltError, match="base.init_from: file not found"):
         init_weights(target, tmp_path / "missing.safetensors")
+    # The inits are not architecture: weights started from the priors start a plain network.
+    prior = WALT.from_preset(
+        "tiny", latent_size=(3, 4, 4), bias_init="locality", pos_init="sincos", **kw
+    )
+    prior.save(tmp_path / "prior.safetensors")
+    plain = WALT.from_preset("tiny", latent_size=(3, 4, 4), **kw)
+    init_weights(plain, tmp_path / "prior.safetensors")
+    assert torch.equal(plain.pos_embed.temporal, prior.pos_embed.temporal)
 
     system = BaseSystem(
         target, stage_dir=str(tmp_path), latent_mean=[0.0] * 8, latent_std=[1.0] * 8,

@@ -351,7 +351,8 @@ class WALT(nn.Module):
             "locality" (`locality_slopes`: head h starts at -slope_h x spatial distance).
         pos_init: start of the position tables: "random" (N(0, 0.02)) or "sincos" (fixed
             sin-cos tables, `PositionEmbedding.init_sincos`). Neither init is part of `config`:
-            it shapes no weight, and loaded weights (a checkpoint, `init_from`) replace it.
+            it changes no weight's shape, and loaded weights (a checkpoint, `init_from`)
+            replace it.
 
     Parameter count = `sum(p.numel() for p in net.parameters())`: every learned tensor (patch
     embedding, position tables, relative position bias tables, embedders, AdaLN, blocks, final

@@ -827,11 +827,11 @@ def denoiser_rows(
         ("windows", describe_windows(net)),
         (
             "init",
-            f"relative bias {b.bias_init}, positions {b.pos_init}"
+            f"bias {b.bias_init}, positions {b.pos_init}"
             + (
-                " (replaced by the resumed weights)"
+                "; resumed weights replace both"
                 if resume
-                else " (replaced by init_from's weights)"
+                else "; init_from's weights replace both"
                 if getattr(b, "init_from", None)
                 else ""
             ),
