@@ -818,6 +818,11 @@ def denoiser_rows(
         if b.optimizer == "adamw"
         else f"Adafactor lr {b.lr:g} wd {b.weight_decay:g}"
     )
+    replaced = ""  # what overwrites the network's starting values, if anything
+    if resume:
+        replaced = "; resumed weights replace both"
+    elif getattr(b, "init_from", None):  # only the base stage has init_from
+        replaced = "; init_from's weights replace both"
     return [
         (
             "model",
@@ -825,17 +830,7 @@ def denoiser_rows(
         ),
         ("latent", f"({channels}, {frames}, {h}, {w}): {tokens} tokens per sample"),
         ("windows", describe_windows(net)),
-        (
-            "init",
-            f"bias {b.bias_init}, positions {b.pos_init}"
-            + (
-                "; resumed weights replace both"
-                if resume
-                else "; init_from's weights replace both"
-                if getattr(b, "init_from", None)
-                else ""
-            ),
-        ),
+        ("init", f"bias {b.bias_init}, positions {b.pos_init}{replaced}"),
         ("conditioning", ", ".join(c for c in conditions if c)),
         ("data", source),
         (
