@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             num_cond_frames=(1,),
             p_cond_drop=b.p_cond_drop,
             generator=g,
+            time_shift=b.time_shift,
         )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -59,6 +59,7 @@ RECIPE_KEYS = [
     ("base.optimizer=sgd", "base.optimizer"),
     ("base.bias_init=alibi", "base.bias_init"),
     ("base.pos_init=rope", "base.pos_init"),
+    ("base.time_shift=0", "base.time_shift"),
     ("base.preset=huge", "base.preset"),
     ("base.max_steps=0", "base.max_steps"),
     ("base.depth=0", "base.depth"),

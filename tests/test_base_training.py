@@ -286,6 +286,7 @@ def test_cli_train_base_then_rerun_resumes(cli, tmp_path: Path):
         "tokens per sample",
         "SW 1x4x4, STW 3x2x2",
         "bias random, positions random",
+        "uniform on [0, 1]",  # the diffusion times' draw
         "SDPA",
         "base.safetensors",
         "memory plan",  # walt plan's prediction for this run

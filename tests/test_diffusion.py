@@ -13,7 +13,7 @@ from walt_cli.diffusion.inputs import (
     input_channels,
     noise_augment,
 )
-from walt_cli.diffusion.losses import diffusion_loss
+from walt_cli.diffusion.losses import diffusion_loss, shift_time
 from walt_cli.diffusion.samplers import DDIMStep, ddim, ddim_timesteps, denoiser, sample
 from walt_cli.diffusion.schedules import (
     eps_to_v,
@@ -204,6 +204,34 @@ def test_a_fixed_step_keeps_the_noise_and_masks_of_the_seed():
     v = v_from_x0_eps(z0, eps, SCHEDULE.at(fixed / 999))
     want = (v.square() * weight).sum() / (weight.sum() * 8 * 16)
     torch.testing.assert_close(out.loss, want)
+
+
+def test_time_shift_moves_the_drawn_times_toward_noise_and_nothing_else():
+    """`time_shift` s maps each drawn t to s t / (1 + (s - 1) t): the noise-to-signal odds
+    t / (1 - t) times s, the ends fixed, the order kept. s = 1 is the uniform draw bit for bit;
+    the noise and masks a seed draws are the same whatever s; a fixed `step` is never shifted."""
+    t = torch.linspace(0, 1, 11)
+    shifted = shift_time(t, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > t[1:-1]).all()
+    inner = slice(1, -1)
+    odds = shifted[inner] / (1 - shifted[inner])
+    torch.testing.assert_close(odds, 3 * t[inner] / (1 - t[inner]))
+    assert shift_time(t, 1.0) is t
+    torch.testing.assert_close(shift_time(shift_time(t, 3.0), 1 / 3), t)
+
+    z0 = torch.randn(64, 8, 5, 4, 4)
+
+    def run(shift, **kw):
+        g = torch.Generator().manual_seed(3)
+        kw = dict(p_self_cond=0.0, p_frame_pred=0.5, generator=g, time_shift=shift, **kw)
+        return diffusion_loss(SpyNet(), z0, None, SCHEDULE, **kw)
+
+    plain, shifted_run = run(1.0), run(4.0)
+    torch.testing.assert_close(shifted_run.t, shift_time(plain.t, 4.0))
+    assert shifted_run.t.median() > 0.7 > plain.t.median()
+    assert torch.equal(shifted_run.frame_mask, plain.frame_mask)
+    fixed = torch.full((64,), 500)
+    torch.testing.assert_close(run(4.0, step=fixed).t, fixed / 999)
 
 
 def test_condition_dropout():

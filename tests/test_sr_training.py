@@ -112,6 +112,36 @@ def test_a_tiny_sr_stage_overfits_one_pair():
     assert min(losses[-10:]) < 0.01 * losses[0], (losses[0], losses[-10:])
 
 
+def test_the_recipe_time_shift_reaches_the_stage_loss():
+    """`sr.N.time_shift` (and `base.time_shift`, the same DenoiserConfig key) reaches the
+    system's loss: the same seed draws the same times, shifted toward noise."""
+    from walt_cli.diffusion.losses import shift_time
+    from walt_cli.systems.common import DiffusionSystem, section_kwargs
+
+    recipe = load_recipe(TINY, ["sr.0.time_shift=3"])
+    assert section_kwargs(recipe.sr[0], DiffusionSystem)["time_shift"] == 3
+    base = load_recipe(TINY, ["base.time_shift=2"]).base
+    assert section_kwargs(base, DiffusionSystem)["time_shift"] == 2
+    z = torch.randn(6, 8, 3, 8, 8)
+    batch = {
+        "latent": z,
+        "lowres": torch.nn.functional.avg_pool3d(z, (1, 2, 2)),
+        "is_image": torch.zeros(6, dtype=torch.bool),
+        "label": torch.zeros(6, dtype=torch.long),
+    }
+    times = []
+    for shift in (1.0, 3.0):
+        system = SRSystem(
+            sr_net(width=32, depth=1), stage=1, factor=2, resolution=[64, 64],
+            lowres_mean=[0.0] * 8, lowres_std=[1.0] * 8, t_max=0.3, stage_dir="unused",
+            latent_mean=[0.0] * 8, latent_std=[1.0] * 8, tokenizer_hash="x", max_steps=1,
+            p_self_cond=0.0, ema=False, time_shift=shift,
+        )  # fmt: skip
+        out, _ = system.compute_loss(batch, generator=torch.Generator().manual_seed(3))
+        times.append(out.t)
+    torch.testing.assert_close(times[1], shift_time(times[0], 3.0))
+
+
 def test_encode_writes_pairs_and_text_states_then_train_sr_exports(tmp_path: Path):
     recipe = sr_encoded(
         tmp_path, "text_encoder.name=minilm", "sr.0.text_dim=384", "sr.0.max_steps=2"

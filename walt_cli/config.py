@@ -166,6 +166,9 @@ class DenoiserConfig:
     grad_clip: float = 1.0  # max gradient norm (0: off)
     p_self_cond: float = 0.9  # self-conditioning rate [P §4.3, Table 3c]
     p_cond_drop: float = 0.0  # condition dropout (trains the unconditional branch of CFG)
+    # Training times t -> s t / (1 + (s - 1) t), s > 1 toward noise (diffusion.losses.shift_time);
+    # 1 is the paper's uniform draw.
+    time_shift: float = 1.0
     nan_patience: int = 10  # stop after this many non-finite losses in a row
     preview_every: int = 2000  # steps between preview videos (0: none)
     preview_samples: int = 4
@@ -694,6 +697,7 @@ def _validate_denoiser(b: DenoiserConfig, key: str, source: str) -> None:
     for sub in ("p_self_cond", "p_cond_drop"):
         value = getattr(b, sub)
         check(0.0 <= value <= 1.0, sub, f"must be in [0, 1], got {value}")
+    check(b.time_shift > 0, "time_shift", f"must be > 0 (1: uniform times), got {b.time_shift}")
     check(b.nan_patience >= 1, "nan_patience", "must be >= 1")
     check(
         b.preview_every >= 0 and b.preview_samples >= 1 and b.preview_steps >= 1,

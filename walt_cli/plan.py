@@ -317,6 +317,7 @@ def _denoiser(recipe, stage: str, depth: int | None = None) -> StageModel:
                 num_cond_frames=tuple(getattr(section, "num_cond_frames", (1, 2))),
                 p_cond_drop=section.p_cond_drop,
                 cond_drop=drop,
+                time_shift=section.time_shift,
                 lowres=lowres,
             )
             return out.loss, params

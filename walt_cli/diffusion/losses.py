@@ -40,6 +40,17 @@ class LossOutput:
     dropped: Tensor  # (B,) samples whose conditions were dropped
 
 
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """t -> s t / (1 + (s - 1) t): the odds t / (1 - t) times s, 0 and 1 kept, the order kept.
+    Under rectified flow (x_t = (1 - t) x0 + t eps) those odds are the noise-to-signal ratio, and
+    this is the shift by which SD3 and Open-Sora train larger or longer samples nearer to noise;
+    here it moves the times drawn on the paper's schedule the same way. s = 1 returns t itself,
+    the paper's uniform draw bit for bit."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def _bernoulli(p: float, batch: int, generator, device) -> Tensor:
     return torch.rand(batch, generator=generator, device=device) < p
 
@@ -59,6 +70,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     lockstep: bool = False,
     step: Tensor | None = None,
+    time_shift: float = 1.0,
 ) -> LossOutput:
     """v-prediction MSE of `net(x_in, t, cond)` on clean latents z0 (B, c, T, h, w).
 
@@ -71,14 +83,18 @@ def diffusion_loss(
     ranks), so the self-conditioning pass is never skipped. `step` (B,) fixes each sample's
     diffusion step (0..N-1) instead of drawing it (a probe of the loss at chosen noise levels);
     the draw is still made, so the noise and masks are the same with or without it.
+    `time_shift` s > 1 moves the drawn times toward pure noise, t -> s t / (1 + (s - 1) t)
+    (`shift_time`); 1 keeps the paper's uniform draw. A fixed `step` is never shifted.
     """
     cond = cond if cond is not None else Conditioning()
     b, _, frames = z0.shape[:3]
     device = z0.device
 
     drawn = torch.randint(schedule.num_steps, (b,), generator=generator, device=device)
-    step = drawn if step is None else step.to(device=device, dtype=drawn.dtype)
-    t = step.float() / (schedule.num_steps - 1)  # (B,)
+    if step is None:
+        t = shift_time(drawn.float() / (schedule.num_steps - 1), time_shift)  # (B,)
+    else:
+        t = step.to(device=device, dtype=drawn.dtype).float() / (schedule.num_steps - 1)
     alpha_bar = schedule.at(t)
     eps = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
     z_t = q_sample(z0, eps, alpha_bar)

@@ -207,6 +207,7 @@ class BaseSystem(DiffusionSystem):
             p_frame_pred=self.p_frame_pred,
             num_cond_frames=self.num_cond_frames,
             p_cond_drop=self.p_cond_drop,
+            time_shift=self.time_shift,
         )
         return out, {
             "train/video_clips": float((~cond.is_image).sum()),

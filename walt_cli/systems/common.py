@@ -424,6 +424,7 @@ class DiffusionSystem(L.LightningModule):
         accumulate_grad_batches: int = 1,
         p_self_cond: float = 0.9,
         p_cond_drop: float = 0.0,
+        time_shift: float = 1.0,
         nan_patience: int = 10,
         log_every: int = 50,
         preview_every: int = 0,
@@ -458,6 +459,7 @@ class DiffusionSystem(L.LightningModule):
         self._micro = 0  # micro-batches of the current step done so far
         self._summed: dict[str, Any] = {}  # their loss and counts (the step's metrics)
         self.p_self_cond, self.p_cond_drop = p_self_cond, p_cond_drop
+        self.time_shift = time_shift
         self.log_every = log_every
         self.preview_every, self.preview_steps = preview_every, preview_steps
         self.guidance_scale = guidance_scale
@@ -832,6 +834,12 @@ def denoiser_rows(
         ("windows", describe_windows(net)),
         ("init", f"bias {b.bias_init}, positions {b.pos_init}{replaced}"),
         ("conditioning", ", ".join(c for c in conditions if c)),
+        (
+            "times",
+            "uniform on [0, 1]"
+            if b.time_shift == 1
+            else f"shifted toward noise, s t / (1 + (s - 1) t) with s = {b.time_shift:g}",
+        ),
         ("data", source),
         (
             "latent stats",

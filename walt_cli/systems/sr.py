@@ -107,6 +107,7 @@ class SRSystem(DiffusionSystem):
             p_self_cond=self.p_self_cond,
             lockstep=self.sharded,
             p_cond_drop=self.p_cond_drop,
+            time_shift=self.time_shift,
             cond_drop=("labels", "text"),  # guidance drops the caption, never the low-res input
             lowres=z_lr,
             generator=generator,
