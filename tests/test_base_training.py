@@ -344,9 +344,9 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path):
 
 
 def test_non_finite_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import walt_cli.systems.base as base
+    import walt_cli.diffusion.losses as losses  # every stage's loss goes through it
 
-    original = base.diffusion_loss
+    original = losses.diffusion_loss
     calls = {"n": 0}
 
     def faulty(*args, **kwargs):
@@ -356,7 +356,7 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pyt
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(base, "diffusion_loss", faulty)
+    monkeypatch.setattr(losses, "diffusion_loss", faulty)
     recipe = encoded(tmp_path, "base.max_steps=3", "base.preview_every=0")
     summary = train_base(recipe, progress=False)
     assert summary["step"] == 3 and summary["skipped_steps"] == 1 and calls["n"] == 4
@@ -371,7 +371,7 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pyt
         out.loss = out.loss + float("inf")
         return out
 
-    monkeypatch.setattr(base, "diffusion_loss", always_inf)
+    monkeypatch.setattr(losses, "diffusion_loss", always_inf)
     with pytest.raises(WaltError, match="3 non-finite losses in a row at step 3"):
         train_base(tiny(tmp_path, "base.max_steps=10", "base.nan_patience=3",
                         "base.preview_every=0"), progress=False)  # fmt: skip

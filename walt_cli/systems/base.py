@@ -29,7 +29,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from walt_cli.diffusion.losses import diffusion_loss
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
 from walt_cli.runio import write_text
@@ -197,17 +196,8 @@ class BaseSystem(DiffusionSystem):
 
     def compute_loss(self, batch: dict):
         z0, cond = self.prepare(batch)
-        out = diffusion_loss(
-            self.net,
-            z0,
-            cond,
-            self.schedule,
-            p_self_cond=self.p_self_cond,
-            lockstep=self.sharded,
-            p_frame_pred=self.p_frame_pred,
-            num_cond_frames=self.num_cond_frames,
-            p_cond_drop=self.p_cond_drop,
-            time_shift=self.time_shift,
+        out = self.diffusion_loss(
+            z0, cond, p_frame_pred=self.p_frame_pred, num_cond_frames=self.num_cond_frames
         )
         return out, {
             "train/video_clips": float((~cond.is_image).sum()),

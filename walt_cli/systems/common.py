@@ -638,6 +638,23 @@ class DiffusionSystem(L.LightningModule):
         """Whether the weights are sharded over the ranks (FSDP)."""
         return self._trainer is not None and is_sharded(self.trainer.strategy)
 
+    def diffusion_loss(self, z0: torch.Tensor, cond, **stage):
+        """`diffusion.losses.diffusion_loss` with the keys every stage shares (self-conditioning,
+        condition dropout, time shift, lockstep under FSDP); `stage` adds the stage's own."""
+        from walt_cli.diffusion.losses import diffusion_loss
+
+        return diffusion_loss(
+            self.net,
+            z0,
+            cond,
+            self.schedule,
+            p_self_cond=self.p_self_cond,
+            p_cond_drop=self.p_cond_drop,
+            time_shift=self.time_shift,
+            lockstep=self.sharded,
+            **stage,
+        )
+
     def _clip_gradients(self, opt, logging_step: bool) -> torch.Tensor | None:
         """Clip to `grad_clip` (0: off); returns the norm before clipping on logging steps (not
         under a 16-mixed loss scaler, whose gradients are still scaled here)."""

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from walt_cli.diffusion.inputs import noise_augment
-from walt_cli.diffusion.losses import diffusion_loss
 from walt_cli.errors import WaltError
 from walt_cli.models.transformer import WALT, Conditioning
 from walt_cli.systems.common import (
@@ -99,15 +98,9 @@ class SRSystem(DiffusionSystem):
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
         z0, z_lr, cond = self.prepare(batch, generator=generator)
-        out = diffusion_loss(
-            self.net,
+        out = self.diffusion_loss(
             z0,
             cond,
-            self.schedule,
-            p_self_cond=self.p_self_cond,
-            lockstep=self.sharded,
-            p_cond_drop=self.p_cond_drop,
-            time_shift=self.time_shift,
             cond_drop=("labels", "text"),  # guidance drops the caption, never the low-res input
             lowres=z_lr,
             generator=generator,
