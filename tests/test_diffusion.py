@@ -209,7 +209,7 @@ def test_a_fixed_step_keeps_the_noise_and_masks_of_the_seed():
 def test_time_shift_moves_the_drawn_times_toward_noise_and_nothing_else():
     """`time_shift` s maps each drawn t to s t / (1 + (s - 1) t): the noise-to-signal odds
     t / (1 - t) times s, the ends fixed, the order kept. s = 1 is the uniform draw bit for bit;
-    the noise and masks a seed draws are the same whatever s; a fixed `step` is never shifted."""
+    a seed draws the same times (shifted) and masks whatever s; a fixed `step` is never shifted."""
     t = torch.linspace(0, 1, 11)
     shifted = shift_time(t, 3.0)
     assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > t[1:-1]).all()
