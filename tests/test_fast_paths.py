@@ -5,6 +5,8 @@ differ only in the order of floating-point sums)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,43 @@ def test_window_kernel_equals_sdpa(impl, temporal, window, grid, identity):
 
     _, g = _assert_paths_agree(attn, x, target, (through("sdpa"), through("window")))
     assert ("bias.table" in g) == (identity is None or not all(identity))  # all images: no bias
+
+
+@pytest.mark.parametrize("name", ["sdpa", "window"])
+@pytest.mark.parametrize(
+    "temporal,window,grid,identity",
+    [
+        (True, (4, 4), (3, 8, 8), None),
+        (False, (3, 4), (2, 5, 7), None),  # SW, padded
+        (True, (4, 4), (3, 6, 8), [True, False, True]),  # identity packs beside a video
+    ],
+)
+def test_inference_folds_qk_norm_into_q_and_equals_reference(
+    impl, monkeypatch, name, temporal, window, grid, identity
+):
+    """Without gradients the layer folds qk-norm's two weights and 1 / sqrt(d) into q
+    (`_folded_qkv`): it is the path taken, and its output equals the reference path's (the one
+    training runs) with weights that are not 1 and a bias that matters."""
+    torch.manual_seed(0)
+    attn = WindowSelfAttention(16, 2, window, temporal=temporal, max_frames=3)
+    torch.nn.init.normal_(attn.bias.table, std=0.5)
+    for norm in (attn.q_norm, attn.k_norm):
+        torch.nn.init.uniform_(norm.weight, 0.3, 3.0)
+    x = torch.randn(3, *grid, 16) * 2
+    ident = None if identity is None else torch.tensor(identity)
+    impl(name)
+    folded = []
+    monkeypatch.setattr(
+        WindowSelfAttention,
+        "_folded_qkv",
+        lambda self, qkv, _f=WindowSelfAttention._folded_qkv: folded.append(1) or _f(self, qkv),
+    )
+    ref = attn(x, ident).detach()  # parameters need gradients: the reference path
+    assert not folded
+    with torch.no_grad():
+        out = attn(x, ident)
+    assert folded
+    torch.testing.assert_close(out, ref, **TOL)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -287,6 +326,46 @@ def test_mlp_recomputed_gelu_equals_plain_path_and_keeps_less():
     assert saved_bytes(_mlp_reference) - saved_bytes(lambda m, v: m(v)) == hidden
     with torch.no_grad():  # inference takes the plain path: nothing to keep
         torch.testing.assert_close(mlp(x), ref)
+
+
+def test_mlp_inference_fuses_linear_and_gelu_and_equals_plain_path(monkeypatch):
+    """CPU inference runs fc1 and the tanh GELU as one oneDNN call: it is the path taken (the
+    op is called), its output equals the plain path's in fp32 on the block's 5D token grid, and
+    `WALT_FUSED_MLP=0`, bf16 and a gradient each keep the plain path."""
+    from walt_cli.models import transformer
+    from walt_cli.models.transformer import Mlp
+
+    if not (
+        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        pytest.skip("this build of torch has no oneDNN linear-pointwise op")
+    torch.manual_seed(0)
+    mlp = Mlp(16, 4.0).eval()
+    x = torch.randn(2, 3, 4, 5, 16) * 3  # wide enough to reach GELU's curved part
+    calls = []
+    fused = transformer._fused_gelu_linear
+
+    def counting(v, linear):
+        if v.shape == x.shape:  # not the one-off probe of the op
+            calls.append(1)
+        return fused(v, linear)
+
+    monkeypatch.setattr(transformer, "_fused_gelu_linear", counting)
+    monkeypatch.setattr(transformer, "_FUSED_GELU_LINEAR", None)
+    with torch.no_grad():
+        out = mlp(x)
+        ref = _mlp_reference(mlp, x)
+        assert len(calls) == 1 and out.shape == x.shape
+        torch.testing.assert_close(out, ref, **TOL)
+        copy.deepcopy(mlp).to(torch.bfloat16)(x.bfloat16())
+        assert len(calls) == 1
+    mlp(x)  # parameters need their gradients: the training path
+    assert len(calls) == 1
+    monkeypatch.setenv("WALT_FUSED_MLP", "0")
+    monkeypatch.setattr(transformer, "_FUSED_GELU_LINEAR", None)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), ref, atol=0, rtol=0)
+    assert len(calls) == 1
 
 
 def test_foreach_ema_equals_per_tensor_lerp():

@@ -285,20 +285,20 @@ def _flex_available() -> bool:
 _COMPILED_FLEX = None
 
 
-def _flex_attention(q, k, v, score_mod, block_mask):
+def _flex_attention(q, k, v, score_mod, block_mask, scale=None):
     """FlexAttention, compiled once outside a compiled region (eager FlexAttention is a slow
     reference; inside `torch.compile` it is traced into the block's graph)."""
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
 
     if torch.compiler.is_compiling() or q.device.type == "cpu":
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     if _COMPILED_FLEX is None:
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return _COMPILED_FLEX(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
-def _flex_window_attention(q, k, v, table, index, keep):
+def _flex_window_attention(q, k, v, table, index, keep, scale=None):
     """FlexAttention over windows: the bias read from the flat table (heads, M) through the
     relative index (N, N) in a `score_mod`; padded keys (keep (nW, N) False) removed by a block
     mask (window b of the batch is window b % nW of its sample)."""
@@ -319,7 +319,7 @@ def _flex_window_attention(q, k, v, table, index, keep):
 
         n, _, length, _ = q.shape
         block_mask = create_block_mask(mask_mod, n, None, length, length, device=q.device)
-    return _flex_attention(q, k, v, score_mod, block_mask)
+    return _flex_attention(q, k, v, score_mod, block_mask, scale)
 
 
 def window_attention(
@@ -331,16 +331,18 @@ def window_attention(
     window: Window,
     keep: Tensor | None,
     impl: str | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Self-attention inside windows: q, k, v (B nW, heads, N, d) -> (B nW, heads, N, d), with the
-    relative position bias of `window` and padded keys (keep (nW, N) False) masked out."""
+    relative position bias of `window` and padded keys (keep (nW, N) False) masked out. The
+    logits are q k^T times `scale` (None: 1 / sqrt(d))."""
     impl = impl or attention_impl(q, bias_grad=bias is not None and bias.table.requires_grad)
     if impl == "flex":
         table = index = None
         if bias is not None:
             table = bias.table.flatten(1).to(q.dtype)  # (heads, M)
             index = relative_index(window, bias.window, q.device)
-        return _flex_window_attention(q, k, v, table, index, keep)
+        return _flex_window_attention(q, k, v, table, index, keep, scale)
     pad = None
     if keep is not None:
         pad = torch.zeros(keep.shape, device=q.device, dtype=q.dtype).masked_fill(
@@ -348,7 +350,7 @@ def window_attention(
         )[:, None, None, :]  # (nW, 1, 1, N)
     table_bias = None if bias is None else bias(window).to(q.dtype)  # (heads, N, N)
     if impl == "window":
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         return WindowAttentionFunction.apply(q, k, v, table_bias, pad, scale)
     if impl != "sdpa":
         raise WaltError(f"unknown attention implementation {impl!r}")
@@ -356,7 +358,7 @@ def window_attention(
     if pad is not None:
         mask = pad if mask is None else mask + pad  # (nW, heads, N, N)
         mask = mask.repeat(q.shape[0] // pad.shape[0], 1, 1, 1)  # one per (sample, window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 # ---------------------------------------------------------------- SDPA backend report
@@ -461,14 +463,20 @@ class WindowSelfAttention(nn.Module):
         n_win = (grid[0] // window[0]) * (grid[1] // window[1]) * (grid[2] // window[2])
 
         xw = window_partition(x, window)  # (B nW, N, C)
-        q, k, v = rearrange(self.qkv(xw), "n l (three h d) -> three n h l d", three=3, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B nW, heads, N, head_dim)
+        qkv = self.qkv(xw)
+        scale = None  # 1 / sqrt(d)
+        if self._folds_qk_norm():
+            q, k, v = self._folded_qkv(qkv)
+            scale = 1.0  # folded into q
+        else:
+            q, k, v = rearrange(qkv, "n l (three h d) -> three n h l d", three=3, h=self.heads)
+            q, k = self.q_norm(q), self.k_norm(k)  # (B nW, heads, N, head_dim)
         keep = (
             None if (pad_h, pad_w) == (0, 0) else key_padding_mask(grid, window, (h, w), x.device)
         )
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return window_attention(q, k, v, bias=self.bias, window=window, keep=keep)
+            return window_attention(q, k, v, bias=self.bias, window=window, keep=keep, scale=scale)
 
         if identity is None:
             out = attend(q, k, v)
@@ -490,6 +498,33 @@ class WindowSelfAttention(nn.Module):
         out = self.proj(rearrange(out, "n h l d -> n l (h d)"))  # (B nW, N, C)
         out = window_merge(out, window, grid)  # (B, T, H', W', C)
         return out[:, :, :h, :w]
+
+    def _folds_qk_norm(self) -> bool:
+        """Whether this call takes `_folded_qkv`: qk-norm on, and no gradient to its weights or
+        to the qkv projection (inference), so that training keeps the reference path bit for
+        bit."""
+        if not (isinstance(self.q_norm, QKNorm) and isinstance(self.k_norm, QKNorm)):
+            return False
+        params = (self.qkv.weight, self.q_norm.weight, self.k_norm.weight)
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+
+    def _folded_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B nW, heads, N, d) from the projection (B nW, N, 3C), with qk-norm applied
+        and its two weights and the 1 / sqrt(d) folded into q (the logits, q k^T, are the same
+        product): one RMS pass over q and k together on the projection's layout, where the
+        reference path copies q and k out of it and normalises and scales each on its own.
+        The logits' scale is then 1. Equal to the reference within float rounding
+        (tests/test_fast_paths.py); about 4% off the time of 50-step CPU sampling of a width-64
+        model (BENCHMARKS.md, "Against the peers")."""
+        n, length, _ = qkv.shape
+        qkv = qkv.view(n, length, 3, self.heads, self.head_dim)
+        qk = qkv[:, :, :2]
+        eps = self.q_norm.eps if self.q_norm.eps is not None else torch.finfo(qk.dtype).eps
+        qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(eps))
+        gain = self.q_norm.weight * self.k_norm.weight * self.head_dim**-0.5
+        qk[:, :, 0].mul_(gain.to(qk.dtype))
+        q, k = qk.permute(2, 0, 3, 1, 4)  # each (B nW, heads, N, d)
+        return q, k, qkv[:, :, 2].transpose(1, 2)
 
     def backend(self, x: Tensor, *, training: bool = False) -> str:
         """The attention implementation (and SDPA kernel) this layer runs for x (B, T, H, W, C):
