@@ -4,6 +4,7 @@ processes (one imports walt_cli from each checkout) take turns, one step at a ti
     python bench/bench_tokenizer_step.py --base c1032dc     # a commit: checked out once under /tmp
     python bench/bench_tokenizer_step.py --base /tmp/base-c1032dc --batch 2 --reps 5   # a checkout
     WALT_CPU_ALLOCATOR=system python bench/bench_tokenizer_step.py   # glibc's defaults in both
+    python bench/bench_tokenizer_step.py --precision bf16-mixed      # this checkout under autocast
 
 Step: the `tiny` tokenizer (reconstruction L1 loss, backward, Adam step; the adversarial and
 perceptual terms are off in the tiny recipes' early steps) on random clips, batch 8 of
@@ -14,6 +15,9 @@ machine, which wall-clock steps are not; page faults count, as system time). Eac
 runs with the CPU memory setting its checkout's `walt` command applies (`walt_cli.runtime`:
 this checkout keeps freed memory for reuse, commits before it did not); with
 WALT_CPU_ALLOCATOR=system both keep glibc's defaults, which compares the code alone.
+`--precision` / `--base-precision` run a worker's forward pass under bf16 autocast
+(`bf16-mixed`, as `trainer.precision=bf16-mixed` trains; the loss and Adam stay fp32), which is
+faster only on a CPU with native bf16 matrix units (AMX, AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
+PRECISIONS = ("32-true", "bf16-mixed")
 
 WORKER = r"""
 import json, sys, time
@@ -47,7 +52,9 @@ opt = torch.optim.Adam(tok.parameters(), lr=1e-4)
 x = torch.rand(spec["batch"], 3, *spec["clip"]) * 2 - 1
 def step():
     opt.zero_grad(set_to_none=True)
-    (tok(x) - x).abs().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["bf16"]):
+        out = tok(x)
+    (out.float() - x).abs().mean().backward()
     opt.step()
 print(json.dumps({"params": sum(p.numel() for p in tok.parameters()), "kept": kept}), flush=True)
 for line in sys.stdin:
@@ -106,10 +113,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    for flag in ("--precision", "--base-precision"):
+        parser.add_argument(flag, choices=PRECISIONS, default="32-true")
     args = parser.parse_args()
     base = checkout(args.base)
     spec = dict(batch=args.batch, clip=[args.frames, args.size, args.size], threads=args.threads)
-    started = {"this checkout": start(HERE, spec), "base": start(base, spec)}
+    started = {
+        "this checkout": start(HERE, {**spec, "bf16": args.precision == "bf16-mixed"}),
+        "base": start(base, {**spec, "bf16": args.base_precision == "bf16-mixed"}),
+    }
     workers = {name: proc for name, (proc, _) in started.items()}
     kept = {name: "kept" if keep else "glibc default" for name, (_, keep) in started.items()}
     commit = subprocess.run(
@@ -132,7 +144,9 @@ def main() -> None:
         f"average at the end {load}; freed CPU memory: this checkout {kept['this checkout']}, "
         f"{commit} {kept['base']}.\n"
     )
-    print(f"| this checkout CPU s | {commit} CPU s | speed-up |")
+    print(
+        f"| this checkout ({args.precision}) CPU s | {commit} ({args.base_precision}) CPU s | speed-up |"
+    )
     print("|---|---|---|")
     print(
         f"| {med['this checkout']:.2f} | {med['base']:.2f} "

@@ -106,6 +106,25 @@ def test_guidance_values_per_stage(cascade):
     assert not torch.equal(plain, guided)
 
 
+def test_bf16_on_the_cpu_runs_the_networks_under_autocast(cascade):
+    """`precision="bf16"` is honoured on the CPU (it used to run fp32 there silently): every
+    forward of the stages runs under CPU bf16 autocast, and the video stays close to fp32's."""
+    fp32 = Pipeline.from_bundle(cascade, device="cpu", precision="fp32")
+    bf16 = Pipeline.from_bundle(cascade, device="cpu", precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    seen = {"fp32": [], "bf16": []}
+    for name, pipe in (("fp32", fp32), ("bf16", bf16)):
+        for stage in pipe.stages:
+            stage.net.register_forward_hook(
+                lambda m, i, o, key=name: seen[key].append(torch.is_autocast_enabled("cpu"))
+            )
+    a = fp32.generate(seeds=[3], labels=[1])
+    b = bf16.generate(seeds=[3], labels=[1])
+    assert seen["bf16"] and all(seen["bf16"]) and not any(seen["fp32"])
+    assert a.shape == b.shape and b.dtype == torch.uint8
+    assert _psnr(a.numpy(), b.numpy()) > 25
+
+
 def test_extension_keeps_the_unextended_clip(base_run):
     pipe = Pipeline.from_bundle(base_run, device="cpu")
     short = pipe.generate(seeds=[3], labels=[2])

@@ -141,7 +141,9 @@ def sample(
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto (CUDA bf16, CPU fp32), fp32, bf16."
+        "auto",
+        "--precision",
+        help="auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX).",
     ),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress."),
 ) -> None:
@@ -195,7 +197,11 @@ def animate(
     fps: float | None = typer.Option(None, "--fps", help="Frame rate (default: the model's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX).",
+    ),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress."),
 ) -> None:
     """Image-to-video (the image is the first latent frame), or continue a clip with --video.

@@ -574,9 +574,11 @@ class Pipeline:
     def _net_fn(self, net: WALT):
         """net(x_in, t, cond) under the pipeline's precision, one sample at a time when
         batch-invariant (a batched matmul may round differently from a single row)."""
+        # bf16 on the CPU too: on one with native bf16 units (AMX) it samples faster; on one
+        # without, slower (BENCHMARKS.md), which is why "auto" keeps fp32 there.
         autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.precision == "bf16" and self.device.type == "cuda"
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
             else nullcontext()
         )
 
