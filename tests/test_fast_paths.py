@@ -111,6 +111,9 @@ def test_inference_folds_qk_norm_into_q_and_equals_reference(
     )
     ref = attn(x, ident).detach()  # parameters need gradients: the reference path
     assert not folded
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, ident)  # autocast: the reference path
+    assert not folded
     with torch.no_grad():
         out = attn(x, ident)
     assert folded
@@ -331,7 +334,7 @@ def test_mlp_recomputed_gelu_equals_plain_path_and_keeps_less():
 def test_mlp_inference_fuses_linear_and_gelu_and_equals_plain_path(monkeypatch):
     """CPU inference runs fc1 and the tanh GELU as one oneDNN call: it is the path taken (the
     op is called), its output equals the plain path's in fp32 on the block's 5D token grid, and
-    `WALT_FUSED_MLP=0`, bf16 and a gradient each keep the plain path."""
+    `WALT_FUSED_MLP=0`, bf16 weights, bf16 autocast and a gradient each keep the plain path."""
     from walt_cli.models import transformer
     from walt_cli.models.transformer import Mlp
 
@@ -345,19 +348,23 @@ def test_mlp_inference_fuses_linear_and_gelu_and_equals_plain_path(monkeypatch):
     calls = []
     fused = transformer._fused_gelu_linear
 
-    def counting(v, linear):
+    def counting(v, weight, bias):
         if v.shape == x.shape:  # not the one-off probe of the op
             calls.append(1)
-        return fused(v, linear)
+        return fused(v, weight, bias)
 
     monkeypatch.setattr(transformer, "_fused_gelu_linear", counting)
     monkeypatch.setattr(transformer, "_FUSED_GELU_LINEAR", None)
+    state = torch.get_rng_state()
     with torch.no_grad():
         out = mlp(x)
+        assert torch.equal(torch.get_rng_state(), state)  # the op's probe draws nothing here
         ref = _mlp_reference(mlp, x)
         assert len(calls) == 1 and out.shape == x.shape
         torch.testing.assert_close(out, ref, **TOL)
         copy.deepcopy(mlp).to(torch.bfloat16)(x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mlp(x)
         assert len(calls) == 1
     mlp(x)  # parameters need their gradients: the training path
     assert len(calls) == 1

@@ -64,3 +64,31 @@ def test_a_bad_setting_is_one_line_and_exit_2(cli, monkeypatch):
     # A "--help" after "--" is an argument, not a help request.
     result = cli("plan", "--", "--help")
     assert result.exit_code == 2 and "WALT_CPU_ALLOCATOR" in result.output
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_precision_row_points_a_cpu_run_with_amx_to_bf16_mixed(monkeypatch, amx):
+    """A 32-true run on a CPU with AMX is told that bf16-mixed trains faster there; a CPU
+    without AMX, a bf16-mixed run, a CUDA run and a failing probe get the bare setting."""
+    import torch
+
+    from walt_cli.runtime import cpu_has_native_bf16
+    from walt_cli.systems.common import precision_row
+
+    def trainer(precision: str, accelerator: str = "cpu"):
+        return type("T", (), {"precision": precision, "accelerator": accelerator})()
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_has_native_bf16() is amx
+    hint = "this CPU has AMX: trainer.precision=bf16-mixed trains faster"
+    assert (hint in precision_row(trainer("32-true"))) is amx
+    assert precision_row(trainer("32-true")).startswith("32-true")
+    assert precision_row(trainer("bf16-mixed")) == "bf16-mixed"
+    assert precision_row(trainer("32-true", "cuda")) == "32-true"
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert not cpu_has_native_bf16()
+    assert precision_row(trainer("32-true")) == "32-true"

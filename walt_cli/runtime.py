@@ -49,3 +49,17 @@ def keep_freed_cpu_memory() -> bool:
     trimmed = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     mapped = mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1
     return trimmed and mapped
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles, as in Intel's Sapphire
+    Rapids and later). There bf16 autocast trains and samples faster than fp32; on a CPU
+    without them bf16 matrix multiplies are emulated and slower (BENCHMARKS.md, "bf16 on the
+    CPU"). Read from PyTorch's private CPU-feature probe; False where it is missing."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False

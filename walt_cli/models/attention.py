@@ -500,10 +500,12 @@ class WindowSelfAttention(nn.Module):
         return out[:, :, :h, :w]
 
     def _folds_qk_norm(self) -> bool:
-        """Whether this call takes `_folded_qkv`: qk-norm on, and no gradient to its weights or
-        to the qkv projection (inference), so that training keeps the reference path bit for
-        bit."""
+        """Whether this call takes `_folded_qkv`: qk-norm on, not under autocast (whose norms
+        may compute in another precision than the fold), and no gradient to its weights or to
+        the qkv projection (inference), so that training keeps the reference path bit for bit."""
         if not (isinstance(self.q_norm, QKNorm) and isinstance(self.k_norm, QKNorm)):
+            return False
+        if torch.is_autocast_enabled(self.qkv.weight.device.type):
             return False
         params = (self.qkv.weight, self.q_norm.weight, self.k_norm.weight)
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))

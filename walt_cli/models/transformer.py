@@ -201,15 +201,17 @@ _FUSED_GELU_LINEAR: bool | None = None  # decided on first use: `_fused_gelu_lin
 
 
 def _fused_gelu_linear_ready(x: Tensor, linear: nn.Linear) -> bool:
-    """Whether `_fused_gelu_linear` can run for x: inference on the CPU in fp32, outside
-    `torch.compile` (Inductor fuses by itself), with oneDNN's linear-pointwise op present in this
-    build of torch and agreeing with the plain path on a small probe (checked once per process;
-    `WALT_FUSED_MLP=0` turns it off)."""
+    """Whether `_fused_gelu_linear` can run for x: inference on the CPU in fp32 (not under
+    autocast, whose linear layers run in bf16), outside `torch.compile` (Inductor fuses by
+    itself), with oneDNN's linear-pointwise op present in this build of torch and agreeing with
+    the plain path on a small probe (checked once per process; `WALT_FUSED_MLP=0` turns it
+    off)."""
     global _FUSED_GELU_LINEAR
     if (
         x.device.type != "cpu"
         or x.dtype != torch.float32
         or linear.weight.dtype != torch.float32
+        or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
     ):
         return False
@@ -220,19 +222,21 @@ def _fused_gelu_linear_ready(x: Tensor, linear: nn.Linear) -> bool:
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         ):
-            probe, v = nn.Linear(8, 16), torch.randn(3, 8)
+            # Its own generator: the probe leaves the global random stream untouched.
+            g = torch.Generator().manual_seed(0)
+            v, w, b = (torch.randn(*shape, generator=g) for shape in ((3, 8), (16, 8), (16,)))
             try:  # a private op: a build where it fails or differs keeps the plain path
                 with torch.no_grad():
-                    got = _fused_gelu_linear(v, probe)
-                    want = nn.functional.gelu(probe(v), approximate="tanh")
+                    got = _fused_gelu_linear(v, w, b)
+                    want = nn.functional.gelu(nn.functional.linear(v, w, b), approximate="tanh")
                 _FUSED_GELU_LINEAR = torch.allclose(got, want, atol=1e-5)
             except RuntimeError:
                 pass
     return _FUSED_GELU_LINEAR
 
 
-def _fused_gelu_linear(x: Tensor, linear: nn.Linear) -> Tensor:
-    """gelu_tanh(linear(x)) in one oneDNN call (a linear with GELU as its post-op).
+def _fused_gelu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """gelu_tanh(x W^T + b) in one oneDNN call (a linear layer with GELU as its post-op).
 
     Written against oneDNN's op (the one Inductor emits for the same pattern) because ATen's
     tanh-GELU is slow on CPU: on the 2-core development machine (torch 2.13, AVX512) it took
@@ -241,7 +245,7 @@ def _fused_gelu_linear(x: Tensor, linear: nn.Linear) -> Tensor:
     (BENCHMARKS.md, "Against the peers"). Equal to the unfused path within float rounding
     (tests/test_fast_paths.py)."""
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(flat, linear.weight, linear.bias, "gelu", [], "tanh")
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "gelu", [], "tanh")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -264,7 +268,7 @@ class Mlp(nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         if not training and _fused_gelu_linear_ready(x, self.fc1):
-            return self.fc2(_fused_gelu_linear(x, self.fc1))
+            return self.fc2(_fused_gelu_linear(x, self.fc1.weight, self.fc1.bias))
         h = self.fc1(x)
         if training:
             return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)

@@ -869,12 +869,26 @@ def denoiser_rows(
         ),
         ("steps", f"{b.max_steps}" + (f" (resuming from {resume})" if resume else "")),
         ("batch", batch_row(batch, world, b.accumulate_grad_batches)),
-        ("precision", str(t.precision)),
+        ("precision", precision_row(t)),
         ("devices", f"{t.accelerator}: {t.devices} x {t.num_nodes} node(s), {strategy_row(t, b)}"),
         ("SDPA", sdpa),
         ("previews", previews),
         ("output", str(output)),
     ]
+
+
+def precision_row(t) -> str:
+    """The start-up table's precision; a 32-true run on a CPU with native bf16 units (AMX) is
+    told that bf16-mixed trains faster there."""
+    from walt_cli.runtime import cpu_has_native_bf16
+
+    text = str(t.precision)
+    on_cpu = str(t.accelerator) == "cpu" or (
+        str(t.accelerator) == "auto" and not torch.cuda.is_available()
+    )
+    if text == "32-true" and on_cpu and cpu_has_native_bf16():
+        text += " (this CPU has AMX: trainer.precision=bf16-mixed trains faster, BENCHMARKS.md)"
+    return text
 
 
 def batch_row(batch: int, world: int, accumulate: int) -> str:

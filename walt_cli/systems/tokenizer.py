@@ -46,6 +46,7 @@ from walt_cli.models.tokenizer import CausalVideoTokenizer
 from walt_cli.systems.common import (
     NonFiniteGuard,
     ema_model,
+    precision_row,
     section_kwargs,
     warmup_cosine,
     write_metrics,
@@ -514,7 +515,7 @@ def train_tokenizer(
                         f"Adam lr {k.lr:g} betas {tuple(k.betas)}, warmup {k.warmup_steps} + cosine, EMA {k.ema_decay}",
                     ),
                     ("steps", f"{k.max_steps}" + (f" (resuming from {resume})" if resume else "")),
-                    ("precision", recipe.trainer.precision),
+                    ("precision", precision_row(recipe.trainer)),
                     (
                         "devices",
                         f"{recipe.trainer.accelerator}: {recipe.trainer.devices} x {recipe.trainer.num_nodes} node(s), {recipe.trainer.strategy}",
