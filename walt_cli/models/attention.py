@@ -505,8 +505,9 @@ class WindowSelfAttention(nn.Module):
         the qkv projection (inference), so that training keeps the reference path bit for bit."""
         if not (isinstance(self.q_norm, QKNorm) and isinstance(self.k_norm, QKNorm)):
             return False
-        if torch.is_autocast_enabled(self.qkv.weight.device.type):
-            return False
+        device = self.qkv.weight.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            return False  # (autocast knows no other device type: `walt plan`'s meta tensors)
         params = (self.qkv.weight, self.q_norm.weight, self.k_norm.weight)
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
