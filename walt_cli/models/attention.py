@@ -517,8 +517,8 @@ class WindowSelfAttention(nn.Module):
         product): one RMS pass over q and k together on the projection's layout, where the
         reference path copies q and k out of it and normalises and scales each on its own.
         The logits' scale is then 1. Equal to the reference within float rounding
-        (tests/test_fast_paths.py); about 4% off the time of 50-step CPU sampling of a width-64
-        model (BENCHMARKS.md, "Against the peers")."""
+        (tests/test_fast_paths.py); 2-4% off the time of 50-step CPU sampling of a width-64
+        model (BENCHMARKS.md, "Two CPU inference paths")."""
         n, length, _ = qkv.shape
         qkv = qkv.view(n, length, 3, self.heads, self.head_dim)
         qk = qkv[:, :, :2]

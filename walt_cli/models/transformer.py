@@ -241,8 +241,8 @@ def _fused_gelu_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     Written against oneDNN's op (the one Inductor emits for the same pattern) because ATen's
     tanh-GELU is slow on CPU: on the 2-core development machine (torch 2.13, AVX512) it took
     4.5x the time of the exact GELU and more than the 64 -> 256 linear before it, so the fused
-    call runs the MLP of a width-64 model in about 0.6x the time, and 50-step sampling in 0.89x
-    (BENCHMARKS.md, "Against the peers"). Equal to the unfused path within float rounding
+    call runs 50-step sampling of a width-64 model in 0.89x the time (BENCHMARKS.md, "Two CPU
+    inference paths"). Equal to the unfused path within float rounding
     (tests/test_fast_paths.py)."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "gelu", [], "tanh")
