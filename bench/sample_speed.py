@@ -9,6 +9,7 @@ shapes `sample` section: 50 DDIM steps with guidance 2 at the base (two forward 
 
     python bench/sample_speed.py [--batch 1 8] [--steps 50 25] [--threads 2]
     python bench/sample_speed.py --model default    # the trained model shipped in the package
+    python bench/sample_speed.py --model default --precision bf16   # faster with AMX
 
 `--model` (a run directory, a bundle, or "default") times a trained cascade instead, with
 captions of the shapes vocabulary and the bundle's own steps and guidance unless given. Like
@@ -73,6 +74,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batched", action="store_true", help="batch_invariant=False on CPU")
+    ap.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (as `walt sample`)")
     args = ap.parse_args()
     keep_freed_cpu_memory()  # as the `walt` command does
     torch.set_num_threads(args.threads)
@@ -81,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = Pipeline.from_bundle(
             args.model or build(Path(tmp) / "run"), device="cpu",
-            batch_invariant=False if args.batched else None,
+            batch_invariant=False if args.batched else None, precision=args.precision,
         )  # fmt: skip
 
         def conditions(b: int) -> dict:
@@ -97,6 +99,7 @@ def main() -> None:
             total = time.perf_counter() - start
             row = {k: round(v / b, 2) for k, v in pipe.timings.items()}
             print(json.dumps({"batch": b, "batch_invariant": pipe.batch_invariant,
+                              "precision": pipe.precision,
                               "seconds_per_sample": row, "total_per_sample": round(total / b, 2)}))  # fmt: skip
 
 

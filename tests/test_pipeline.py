@@ -106,23 +106,61 @@ def test_guidance_values_per_stage(cascade):
     assert not torch.equal(plain, guided)
 
 
-def test_bf16_on_the_cpu_runs_the_networks_under_autocast(cascade):
-    """`precision="bf16"` is honoured on the CPU (it used to run fp32 there silently): every
-    forward of the stages runs under CPU bf16 autocast, and the video stays close to fp32's."""
+def test_bf16_casts_the_bundles_weights_once_and_stays_close_to_fp32(cascade):
+    """`precision="bf16"` is honoured on the CPU (it once ran fp32 there silently): the bundle's
+    networks and tokenizer are loaded in bf16 and run without autocast, which would cast every
+    weight again at every call; the video stays close to fp32's."""
     fp32 = Pipeline.from_bundle(cascade, device="cpu", precision="fp32")
     bf16 = Pipeline.from_bundle(cascade, device="cpu", precision="bf16")
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
     seen = {"fp32": [], "bf16": []}
     for name, pipe in (("fp32", fp32), ("bf16", bf16)):
+        want = torch.float32 if name == "fp32" else torch.bfloat16
+        assert {p.dtype for p in pipe.tokenizer.parameters()} == {want}
         for stage in pipe.stages:
+            assert {p.dtype for p in stage.net.parameters()} == {want}
             stage.net.register_forward_hook(
-                lambda m, i, o, key=name: seen[key].append(torch.is_autocast_enabled("cpu"))
-            )
+                lambda m, i, o, key=name: seen[key].append((torch.is_autocast_enabled("cpu"),
+                                                            i[0].dtype, o.dtype))
+            )  # fmt: skip
     a = fp32.generate(seeds=[3], labels=[1])
     b = bf16.generate(seeds=[3], labels=[1])
-    assert seen["bf16"] and all(seen["bf16"]) and not any(seen["fp32"])
+    assert set(seen["fp32"]) == {(False, torch.float32, torch.float32)}
+    assert set(seen["bf16"]) == {(False, torch.bfloat16, torch.bfloat16)}
     assert a.shape == b.shape and b.dtype == torch.uint8
     assert _psnr(a.numpy(), b.numpy()) > 25
+
+
+def test_fp32_weights_sample_under_autocast_at_bf16(cascade):
+    """A pipeline built around live fp32 networks (the training previews) keeps their weights
+    and runs them under bf16 autocast when asked for bf16."""
+    loaded = Pipeline.from_bundle(cascade, device="cpu", precision="fp32")
+    pipe = Pipeline(loaded.tokenizer, loaded.stages, precision="bf16")
+    seen = []
+    pipe.base.net.register_forward_hook(
+        lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), i[0].dtype))
+    )
+    pipe.generate(seeds=[3], labels=[1], steps=[2, 1])
+    assert set(seen) == {(True, torch.float32)}
+    assert {p.dtype for p in pipe.base.net.parameters()} == {torch.float32}
+
+
+def test_guided_batch_invariant_sampling_runs_each_samples_two_rows_together(cascade):
+    """Batch-invariant guidance runs a sample's conditional and unconditional rows as one batch
+    of two (half the calls of one row at a time) and still gives every seed the same bytes at
+    any batch size; unguided calls stay one row at a time."""
+    pipe = Pipeline.from_bundle(cascade, device="cpu")
+    calls = {"base": [], "sr1": []}
+    for stage in pipe.stages:
+        stage.net.register_forward_hook(
+            lambda m, i, o, key=stage.name: calls[key].append(i[2].labels.tolist())
+        )
+    three = pipe.generate(seeds=[5, 6, 7], labels=[1, 2, 3], steps=[2, 1], guidance=[3.0, 1.0])
+    null = -1
+    assert calls["base"] == [[1, null], [2, null], [3, null]] * 2  # two guided steps
+    assert calls["sr1"] == [[1], [2], [3]]  # unguided (scale 1): one row at a time
+    one = pipe.generate(seeds=[6], labels=[2], steps=[2, 1], guidance=[3.0, 1.0])
+    assert torch.equal(three[1:2], one)
 
 
 def test_extension_keeps_the_unextended_clip(base_run):

@@ -95,6 +95,14 @@ class Conditioning:
     def to(self, device: torch.device | str) -> Conditioning:
         return Conditioning(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
+    def cast(self, dtype: torch.dtype) -> Conditioning:
+        """The caption states in `dtype` (a network with weights in that dtype reads them); the
+        noise level stays as it is, like the time: both enter through sinusoidal embeddings
+        computed in fp32."""
+        if self.text is None or self.text.dtype == dtype:
+            return self
+        return replace(self, text=self.text.to(dtype))
+
     def select(self, index: Tensor | slice) -> Conditioning:
         """The conditioning of a subset of the batch."""
         return Conditioning(

@@ -183,11 +183,7 @@ class Pipeline:
         self.batch_invariant = (
             self.device.type == "cpu" if batch_invariant is None else batch_invariant
         )
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision not in ("fp32", "bf16"):
-            raise WaltError(f"precision must be fp32 or bf16, got {precision!r}")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.decode_chunk = decode_chunk
         self.decode_tile, self.decode_overlap = decode_tile, decode_overlap
         self.timings: dict[str, float] = {}
@@ -232,11 +228,16 @@ class Pipeline:
 
         index = read_bundle(model, verify=verify)
         dev = resolve_device(device)
-        tok = CausalVideoTokenizer.from_checkpoint(index.tokenizer, map_location=dev)
+        precision = resolve_precision(precision, dev)
+        # The pipeline owns these weights, so in bf16 they are cast once, here, where autocast
+        # casts every weight at every call: under autocast bf16 sampling was slower than fp32 on
+        # the CPU, with bf16 weights faster (BENCHMARKS.md, "Generation").
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        tok = CausalVideoTokenizer.from_checkpoint(index.tokenizer, map_location=dev).to(dtype)
         stages = []
         noise_levels = index.sample.get("noise_level")
         for i, entry in enumerate(index.stages):
-            net = WALT.from_checkpoint(entry.file).to(dev).eval().requires_grad_(False)
+            net = WALT.from_checkpoint(entry.file).to(dev, dtype).eval().requires_grad_(False)
             meta = {**net.checkpoint_extra, **entry.meta}
             mean, std = _stats(meta, "latent_stats", entry.file)
             stage = Stage(
@@ -571,27 +572,40 @@ class Pipeline:
             is_image=is_image,
         )
 
-    def _net_fn(self, net: WALT):
-        """net(x_in, t, cond) under the pipeline's precision, one sample at a time when
-        batch-invariant (a batched matmul may round differently from a single row)."""
-        # bf16 on the CPU too: on one with native bf16 units (AMX) it samples faster; on one
-        # without, slower (BENCHMARKS.md), which is why "auto" keeps fp32 there.
+    def _net_fn(self, net: WALT, samples: int):
+        """net(x_in, t, cond) -> fp32 under the pipeline's precision.
+
+        Batch-invariant, a call runs one sample at a time (a batched matmul may round
+        differently from a single row), so that sample i's bytes do not depend on how many
+        samples share the batch. A guided call holds 2 x `samples` rows, the conditional ones
+        then the unconditional ones (`samplers.sample`): each sample's two rows run together,
+        which keeps that promise and halves the calls (a 1.35-1.38x faster guided base stage on
+        the CPU, BENCHMARKS.md "Generation").
+
+        A network whose weights are bf16 (`from_bundle` in bf16) gets its inputs in bf16; one
+        in fp32 runs under bf16 autocast when the precision is bf16 (the training previews,
+        which sample with the live fp32 weights). The sampler's arithmetic stays fp32."""
+        dtype = next(net.parameters()).dtype
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.precision == "bf16"
+            if self.precision == "bf16" and dtype == torch.float32
             else nullcontext()
         )
 
         def fn(x_in: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            x_in, cond = x_in.to(dtype), cond.cast(dtype)
+            rows = x_in.shape[0]
+            guided = rows == 2 * samples
             with autocast:
-                if not self.batch_invariant or x_in.shape[0] == 1:
+                if not self.batch_invariant or rows == 1 or (guided and samples == 1):
                     return net(x_in, t, cond).float()
-                return torch.cat(
-                    [
-                        net(x_in[i : i + 1], t[i : i + 1], cond.select(slice(i, i + 1))).float()
-                        for i in range(x_in.shape[0])
-                    ]
-                )
+                if not guided:
+                    parts = [slice(i, i + 1) for i in range(rows)]
+                    return torch.cat([net(x_in[i], t[i], cond.select(i)).float() for i in parts])
+                # sample i's conditional and unconditional rows (i and samples + i) together
+                pairs = [torch.tensor([i, samples + i], device=x_in.device) for i in range(samples)]
+                v = [net(x_in[i], t[i], cond.select(i)).float() for i in pairs]
+                return torch.cat([p[:1] for p in v] + [p[1:] for p in v])
 
         return fn
 
@@ -667,7 +681,7 @@ class Pipeline:
                 callback(Progress(stage.name, s.index + 1, s.total, chunk[0] + 1, chunk[1]))
 
         z = sample(
-            self._net_fn(net),
+            self._net_fn(net, b),
             noise,
             stage_cond,
             self.schedule,
@@ -685,6 +699,7 @@ class Pipeline:
     def encode(self, video: Tensor) -> Tensor:
         """Pixels (B, 3, T, H, W) in [-1, 1] -> raw latents (one sample at a time if invariant)."""
         tok = self.tokenizer
+        video = video.to(next(tok.parameters()).dtype)
         if not self.batch_invariant:
             return tok.encode(video).float()
         return torch.cat([tok.encode(video[i : i + 1]).float() for i in range(video.shape[0])])
@@ -694,6 +709,7 @@ class Pipeline:
         time (`decode_chunk` latent frames at a time; "auto": one at a time when a tile holds
         more than 5x32x32 latents, i.e. above 17x256x256 pixels), tiled in space when the latent
         grid is larger than `decode_tile`, one sample at a time when batch-invariant."""
+        z = z.to(next(self.tokenizer.parameters()).dtype)
         rows = [z[i : i + 1] for i in range(z.shape[0])] if self.batch_invariant else [z]
         chunk_latents = self.decode_chunk
         if chunk_latents == "auto":  # one latent frame at a time above 17x256x256 (memory)
@@ -720,6 +736,17 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision, fp32 or bf16, of a pipeline on `device`: "auto" is bf16 on CUDA and fp32 on
+    the CPU, where bf16 is faster only on CPUs with native bf16 units (AMX; BENCHMARKS.md) and
+    fp32 keeps the shipped model's figures as measured."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise WaltError(f"precision must be fp32 or bf16, got {precision!r}")
+    return precision
 
 
 def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
