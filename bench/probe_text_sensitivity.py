@@ -179,7 +179,8 @@ def main() -> None:
     from walt_cli.pipelines import Pipeline
 
     began = time.time()
-    pipe = Pipeline.from_bundle(args.model)
+    # The losses of the fp32 weights on any device (on CUDA, "auto" would load them in bf16).
+    pipe = Pipeline.from_bundle(args.model, precision="fp32")
     kind = pipe.conditioning
     if kind == "unconditional":
         raise WaltError(f"{args.model} is not conditioned on captions or labels")
