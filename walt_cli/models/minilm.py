@@ -4,7 +4,7 @@
 
 The encoder is written by hand, against the advice to prefer the library, for start-up time:
 it is six standard layers, and importing and loading transformers' BERT made `walt sample` on
-the default model take 15.3 s of wall time against 9.7 s without (BENCHMARKS.md, "Start-up").
+the default model take 1.6x the wall time it takes without (BENCHMARKS.md, "Start-up").
 It keeps `BertModel`'s parameter names, so the weights hash as they did, and equals `BertModel`
 within float rounding on the packaged weights (tests/test_text.py). T5 encoders still load
 through transformers.
