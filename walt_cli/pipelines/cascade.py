@@ -141,7 +141,9 @@ class Pipeline:
     """Generation from a tokenizer, a base stage and 0..N SR stages (see the module docstring).
 
     Build it with `Pipeline.from_bundle(path)` (a run directory, an exported bundle, or
-    "default") or directly from modules (the training previews do).
+    "default") or directly from modules (the training previews do). `precision` "auto" is bf16
+    on CUDA and fp32 on the CPU; `from_bundle` loads the weights in that precision, while
+    modules given directly keep theirs and fp32 ones run under autocast in bf16.
     """
 
     def __init__(
