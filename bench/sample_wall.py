@@ -6,10 +6,12 @@ this checkout and, side by side, other commits.
     python bench/sample_wall.py --base 4237253 --reps 3 # against a commit (a worktree in /tmp)
     python bench/sample_wall.py --import-times          # where start-up goes (python -X importtime)
 
-Each run is a fresh `python -m walt_cli.cli sample PROMPT` process, started outside any checkout,
-with the checkout first on PYTHONPATH (checked: its `walt_cli` is the one imported); the checkouts take turns in every
-repetition, and the table gives the median wall time and the median CPU seconds (user + system)
-of each. Wall time is what the user waits for, so run it on an idle machine.
+Each run is a fresh `python -m walt_cli.cli sample PROMPT` process, started outside any
+checkout, with the checkout first on PYTHONPATH (checked: its `walt_cli` is the one imported).
+The checkouts take turns in every repetition; the table gives the median wall time and the
+median CPU seconds (user + system) of each. Wall time is what the user waits for, so run it on
+an idle machine, and read the ratios of one run: this machine's own speed varied 1.8x within
+an hour (BENCHMARKS.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tokenizer_step import HERE, checkout  # noqa: E402
 
 
-def run(tree: Path, prompt: str, out: Path, extra: list[str]) -> tuple[float, float]:
+def run(tree: Path, prompt: str, out: Path) -> tuple[float, float]:
     """(wall s, CPU s) of one `walt sample` in a fresh process importing walt_cli from `tree`."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, *extra, "-m", "walt_cli.cli", "sample", prompt, "--out", str(out),
+        [sys.executable, "-m", "walt_cli.cli", "sample", prompt, "--out", str(out),
          "--no-progress"],
         env=env, check=True, capture_output=True, text=True, cwd=out.parent,
     )  # fmt: skip
@@ -84,12 +86,11 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for name, tree in trees.items():
-                out = Path(tmp) / f"{rep}-{len(times[name])}-{abs(hash(name))}.mp4"
-                times[name].append(run(tree, args.prompt, out, []))
+            for i, (name, tree) in enumerate(trees.items()):
+                times[name].append(run(tree, args.prompt, Path(tmp) / f"{rep}-{i}.mp4"))
         if args.import_times:
-            for tree in trees.values():
-                import_times(tree, args.prompt, Path(tmp) / f"imports-{abs(hash(tree))}.mp4")
+            for i, tree in enumerate(trees.values()):
+                import_times(tree, args.prompt, Path(tmp) / f"imports-{i}.mp4")
     print(f"`walt sample {args.prompt!r}` (default model), median of {args.reps}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print("| checkout | wall s | CPU s | runs (wall) |\n| --- | ---: | ---: | --- |")
