@@ -11,6 +11,10 @@ Training step: bf16 autocast forward, v-prediction MSE against a random target, 
 fused AdamW (what `walt train-base` builds); class-conditional (101 classes), p = 1, SW
 windows 1x16x16, STW windows 5x8x8, attention chosen automatically (FlexAttention on CUDA).
 
+Last, the shipped default model through `walt sample`'s pipeline in fp32 and with bf16 weights
+(what `--precision auto` loads on CUDA): the time of 4 prompts and the bf16 videos' PSNR against
+fp32's, the check that bf16 weights are safe on that GPU.
+
 MFU = model FLOPs per step x steps/s / peak bf16 FLOP/s of the GPU (dense: 989 TFLOP/s for
 H100/H200 SXM, or `--peak-tflops`). Model FLOPs per step = 3 x forward FLOPs (the backward
 pass costs twice the forward), forward FLOPs = tokens x sum over layers of
@@ -137,6 +141,36 @@ def sample_case(args, preset, device) -> dict:
     return dict(seconds=times[-1], first_s=times[0])
 
 
+PROMPTS = ("a red circle moving left", "a blue square moving up quickly on a black background",
+           "a large green triangle moving right slowly", "a yellow star moving down-left")  # fmt: skip
+
+
+def default_model_case(args, device) -> dict:
+    """The shipped default model through `walt sample`'s pipeline in fp32 and in bf16 (the
+    weights loaded in bf16, as `--precision auto` does on CUDA): seconds for 4 prompts (the
+    second call of each), and the bf16 videos' PSNR against the fp32 ones."""
+    import torch
+
+    from walt_cli.pipelines import Pipeline
+
+    steps = [2, 1] if args.dry_run else None  # None: the bundle's 50 + 25
+    out, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        pipe = Pipeline.from_bundle("default", device=str(device), precision=precision)
+        for _ in range(2):
+            sync(device)
+            start = time.perf_counter()
+            out[precision] = pipe.generate(
+                prompts=list(PROMPTS), seeds=list(range(len(PROMPTS))), steps=steps,
+                output="float",
+            ).cpu()  # fmt: skip
+            sync(device)
+            seconds[precision] = time.perf_counter() - start
+    mse = ((out["bf16"] - out["fp32"]) ** 2).flatten(1).mean(1)  # pixels in [-1, 1]
+    psnr = (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).tolist()
+    return dict(fp32_s=seconds["fp32"], bf16_s=seconds["bf16"], psnr_db=psnr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["walt-l", "walt-xl"])
@@ -185,6 +219,14 @@ def main() -> None:
             skipped.append(f"{preset} sampling")
             continue
         samples[preset] = sample_case(args, preset, device)
+    default = None
+    if time.perf_counter() - began > args.budget_s:
+        skipped.append("default model fp32 / bf16")
+    else:
+        try:
+            default = default_model_case(args, device)
+        except ImportError as err:  # e.g. an image without tokenizers or the MiniLM package
+            skipped.append(f"default model fp32 / bf16 ({err})")
     print(
         f"GPU: {name}; torch {torch.__version__}; latent {'x'.join(map(str, GRID))}, batch "
         f"{args.batch}, {'fp32' if args.dry_run else 'bf16 autocast'}, {args.steps} timed steps after {args.warmup}; peak "
@@ -206,6 +248,13 @@ def main() -> None:
     print("|---|---|---|")
     for preset, r in samples.items():
         print(f"| {preset} | {r['seconds']:.2f} | {r['first_s']:.2f} |")
+    if default is not None:
+        psnr = ", ".join(f"{v:.1f}" for v in default["psnr_db"])
+        print(
+            f"\nThe default model, `walt sample`'s pipeline, {len(PROMPTS)} prompts: fp32 "
+            f"{default['fp32_s']:.2f} s, bf16 weights {default['bf16_s']:.2f} s; bf16 against "
+            f"fp32, PSNR {psnr} dB"
+        )
     if skipped:
         print(f"\nSkipped (past --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
     if args.json:
@@ -214,6 +263,7 @@ def main() -> None:
                 {
                     "rows": [dict(model=p, compiled=c, ckpt=k, **r) for p, c, k, r in rows],
                     "sampling": samples,
+                    "default_model": default,
                     "skipped": skipped,
                     "device": name,
                 },
