@@ -597,17 +597,16 @@ class Pipeline:
         def fn(x_in: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
             x_in, cond = x_in.to(dtype), cond.cast(dtype)
             rows = x_in.shape[0]
-            guided = rows == 2 * samples
+            if rows == 2 * samples:  # guided: sample i's rows i and samples + i run together
+                groups = [[i, samples + i] for i in range(samples)]
+            else:
+                groups = [[i] for i in range(rows)]
             with autocast:
-                if not self.batch_invariant or rows == 1 or (guided and samples == 1):
+                if not self.batch_invariant or len(groups) == 1:
                     return net(x_in, t, cond).float()
-                if not guided:
-                    parts = [slice(i, i + 1) for i in range(rows)]
-                    return torch.cat([net(x_in[i], t[i], cond.select(i)).float() for i in parts])
-                # sample i's conditional and unconditional rows (i and samples + i) together
-                pairs = [torch.tensor([i, samples + i], device=x_in.device) for i in range(samples)]
-                v = [net(x_in[i], t[i], cond.select(i)).float() for i in pairs]
-                return torch.cat([p[:1] for p in v] + [p[1:] for p in v])
+                index = [torch.tensor(g, device=x_in.device) for g in groups]
+                v = torch.cat([net(x_in[i], t[i], cond.select(i)).float() for i in index])
+                return v[torch.cat(index).argsort()]  # back to the call's row order
 
         return fn
 
