@@ -111,6 +111,23 @@ def test_rerun_skips_finished_shards_and_redoes_the_rest(tmp_path: Path, weights
     assert read_shard_info(shard_path(folder, 0)).tokenizer == redone["tokenizer"]
 
 
+def test_a_fine_tuned_decoder_encodes_under_its_encoders_key(tmp_path: Path, weights: Path):
+    """A decoder fine-tuned on the frozen encoder (`encoder_of`) encodes the same latents: they
+    keep the first file's key, so its shards are reused and the stages trained on them fit."""
+    first = encode_dataset(tiny(tmp_path, weights), progress=False)
+    tok = CausalVideoTokenizer.from_checkpoint(weights)
+    with torch.no_grad():
+        next(tok.decoder.parameters()).add_(0.1)
+    tuned = tok.save(tmp_path / "tuned.safetensors", extra={"encoder_of": file_hash(weights)})
+    again = encode_dataset(tiny(tmp_path, tuned), progress=False)
+    assert again["skipped_shards"] == 3 and again["encoded"] == 0
+    assert again["tokenizer"] == first["tokenizer"] == file_hash(weights)
+    folder = Path(first["folder"])
+    assert load_stats(folder, tokenizer={file_hash(tuned), file_hash(weights)})["clips"] == 8
+    with pytest.raises(WaltError, match=r"measured with tokenizer \w+, not a or b; re-encode"):
+        load_stats(folder, tokenizer={"b", "a"})
+
+
 def test_unreadable_files_are_dropped_not_duplicated(
     tmp_path: Path, weights: Path, videos_dir: Path
 ):

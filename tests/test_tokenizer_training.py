@@ -469,3 +469,62 @@ def test_a_second_decoder_fine_tune_exports_with_the_first_runs_stages(tmp_path:
     with pytest.raises(WaltError, match=r"decoder/tokenizer.safetensors: its encoder is not") as e:
         read_bundle(second_run)
     assert "\n" not in str(e.value)
+
+
+def test_a_fine_tune_of_a_fine_tune_names_every_file_of_its_encoder(tmp_path: Path):
+    """Stages trained on latents keyed by a fine-tuned decoder's own hash (what `walt tokenize
+    encode` wrote with that file as `tokenizer.checkpoint` before it keyed latents by the
+    encoder) export with a decoder fine-tuned from that file: the new file names it."""
+    from pipeline_helpers import make_run
+
+    from walt_cli.config import load_recipe
+    from walt_cli.data.latents import encoder_key, encoder_keys, file_hash
+    from walt_cli.models.checkpoint import load_weights, read_metadata, save_weights
+    from walt_cli.models.transformer import CHECKPOINT_KIND
+    from walt_cli.pipelines import Pipeline, export_bundle
+
+    run = make_run(tmp_path / "run", sr=False, sample="steps: [2]")
+    original = file_hash(run / "tokenizer" / "tokenizer.safetensors")
+    common = ("tokenizer.max_steps=1", "tokenizer.warmup_steps=1")
+    first = train_tokenizer(tiny(tmp_path, *common), progress=False, decoder=True)
+    assert encoder_keys(first["weights"]) == {original, file_hash(first["weights"])}
+    assert "encoder_files" not in read_metadata(first["weights"], kind="tokenizer")[1]
+    second_run = tmp_path / "run2"
+    recipe = load_recipe(
+        TINY, [f"run_dir={second_run}", f"tokenizer.checkpoint={first['weights']}", *common]
+    )
+    second = train_tokenizer(recipe, progress=False, decoder=True)
+    extra = read_metadata(second["weights"], kind="tokenizer")[1]
+    assert (extra["encoder_of"], extra["encoder_files"]) == (
+        original,
+        [file_hash(first["weights"])],
+    )
+    assert encoder_key(second["weights"]) == original
+    # The run's base, as if trained on latents that `first` keyed by its own hash.
+    base = run / "base" / "base.safetensors"
+    config, state, meta = load_weights(base, kind=CHECKPOINT_KIND)
+    meta["latent_stats"]["tokenizer"] = file_hash(first["weights"])
+    (second_run / "base").mkdir()
+    save_weights(
+        second_run / "base" / "base.safetensors",
+        torch.nn.Module(),
+        kind=CHECKPOINT_KIND,
+        config=config,
+        state=state,
+        extra=meta,
+    )
+    bundle = export_bundle(second_run, tmp_path / "bundle")
+    video = Pipeline.from_bundle(bundle, device="cpu").generate(seeds=[0], labels=[1])
+    assert video.shape == (1, 9, 32, 32, 3)
+    # Another tokenizer's key is still refused.
+    meta["latent_stats"]["tokenizer"] = "0123456789abcdef"
+    save_weights(
+        second_run / "base" / "base.safetensors",
+        torch.nn.Module(),
+        kind=CHECKPOINT_KIND,
+        config=config,
+        state=state,
+        extra=meta,
+    )
+    with pytest.raises(WaltError, match="trained on latents of tokenizer 0123456789abcdef"):
+        export_bundle(second_run, tmp_path / "bundle2")

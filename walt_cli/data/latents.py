@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,22 @@ def encoder_key(path: str | os.PathLike) -> str:
 
     _, extra = read_metadata(path, kind=CHECKPOINT_KIND)  # the header alone
     return extra.get("encoder_of") or file_hash(path)
+
+
+def encoder_keys(path: str | os.PathLike) -> frozenset[str]:
+    """Every key latents of this file's encoder may carry: its own short sha256, the file that
+    first encoded them (`encoder_of`) and the fine-tuned decoders between the two
+    (`encoder_files`), all of which share the frozen encoder. `walt tokenize encode` keys new
+    latents by `encoder_key`; the others are accepted for latents (and stages trained on them)
+    written before it did, when a fine-tuned decoder given as `tokenizer.checkpoint` keyed them
+    by its own hash."""
+    from walt_cli.models.checkpoint import read_metadata
+    from walt_cli.models.tokenizer import CHECKPOINT_KIND
+
+    _, extra = read_metadata(path, kind=CHECKPOINT_KIND)
+    first = extra.get("encoder_of")
+    keys = {file_hash(path), *extra.get("encoder_files", [])}
+    return frozenset(keys | {first} if first else keys)
 
 
 @dataclass(frozen=True)
@@ -307,8 +323,9 @@ def per_frame_text(
     return texts, masks
 
 
-def load_stats(folder: Path, tokenizer: str | None = None) -> dict:
-    """stats.json of a latent folder; with `tokenizer`, check it belongs to that tokenizer."""
+def load_stats(folder: Path, tokenizer: str | Collection[str] | None = None) -> dict:
+    """stats.json of a latent folder; with `tokenizer` (a key, or the keys of one encoder:
+    `encoder_keys`), check it belongs to that tokenizer."""
     path = Path(folder) / "stats.json"
     if not path.is_file():
         raise WaltError(f"{path}: no latent statistics; run `walt tokenize encode` first")
@@ -320,9 +337,11 @@ def load_stats(folder: Path, tokenizer: str | None = None) -> dict:
             raise ValueError("not a JSON object")
     except (OSError, ValueError, TypeError) as err:
         raise load_error(path, err, "latent statistics file") from None
-    if tokenizer is not None and stats.get("tokenizer") != tokenizer:
+    keys = {tokenizer} if isinstance(tokenizer, str) else set(tokenizer or ())
+    if tokenizer is not None and stats.get("tokenizer") not in keys:
+        want = " or ".join(sorted(keys))
         raise WaltError(
-            f"{path}: measured with tokenizer {stats.get('tokenizer')}, not {tokenizer}; re-encode"
+            f"{path}: measured with tokenizer {stats.get('tokenizer')}, not {want}; re-encode"
         )
     try:
         if not {"mean", "std", "tokenizer"} <= stats.keys():

@@ -300,9 +300,12 @@ def check_bundle(index: BundleIndex) -> None:
                 f"{path}: sha256 does not match the bundle index (corrupt or replaced file)"
             )
     tok_hash = index.tokenizer_sha256[:16]
-    # Latents are keyed by the tokenizer file that encoded them; a decoder fine-tuned on its
-    # frozen encoder (`walt tokenize train --decoder`) names that file as `encoder_of`.
-    encoders = {tok_hash, _read_extra(index.tokenizer, "tokenizer").get("encoder_of", tok_hash)}
+    # Latents are keyed by the tokenizer file that first encoded them; a decoder fine-tuned on
+    # its frozen encoder (`walt tokenize train --decoder`) names that file and the fine-tunes in
+    # between, any of which may have keyed latents (`encoder_keys`).
+    from walt_cli.data.latents import encoder_keys
+
+    encoders = encoder_keys(index.tokenizer)
     previous = None
     for s in index.stages:
         extra = _stage_meta(s)

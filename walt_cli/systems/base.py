@@ -471,7 +471,7 @@ def train_base(
 
     from walt_cli.config import save_recipe
     from walt_cli.console import resolve_device
-    from walt_cli.data.latents import LatentShards, file_hash, load_stats
+    from walt_cli.data.latents import LatentShards, encoder_key, encoder_keys, load_stats
     from walt_cli.models.tokenizer import CausalVideoTokenizer
     from walt_cli.systems.common import data_loaders, last_checkpoint, run_stage
     from walt_cli.systems.encode import tokenizer_path
@@ -497,7 +497,7 @@ def train_base(
                 "" if online else " (previews decode with it; base.preview_every=0 turns them off)"
             )
             raise WaltError(f"{err}{hint}") from None
-        tok_hash = file_hash(tok_file)
+        tok_hash = encoder_key(tok_file)
         tok = CausalVideoTokenizer.from_checkpoint(tok_file).eval()
 
     if online:
@@ -529,7 +529,8 @@ def train_base(
     else:
         root = latent_root(recipe)
         train_set = LatentShards(root / "train")
-        stats = load_stats(root / "train", tokenizer=tok_hash)
+        keys = encoder_keys(tok_file) if tok is not None else None
+        stats = load_stats(root / "train", tokenizer=keys)
         tok_hash = stats["tokenizer"]
         first = train_set[0]["latent"]
         channels, latent_size = first.shape[0], tuple(first.shape[1:])

@@ -134,13 +134,15 @@ def encode_dataset(
 
     from walt_cli.config import save_recipe
     from walt_cli.data.datasets import build_dataset
-    from walt_cli.data.latents import file_hash, shard_path, write_latents
+    from walt_cli.data.latents import encoder_key, shard_path, write_latents
 
     if split not in ("train", "val"):
         raise WaltError(f"split must be train or val, got {split!r}")
     data, factor = stage_data(recipe, sr)
     path = tokenizer_path(recipe)
-    digest = file_hash(path)
+    # Keyed by the encoder, not the file: a decoder fine-tuned on its frozen encoder encodes the
+    # same latents as the file it came from, and the stages trained on them fit either decoder.
+    digest = encoder_key(path)
     from walt_cli.console import resolve_device
 
     dev = resolve_device(device)

@@ -237,7 +237,7 @@ def train_sr(
     import lightning as L
 
     from walt_cli.config import save_recipe
-    from walt_cli.data.latents import LatentShards, file_hash, load_stats
+    from walt_cli.data.latents import LatentShards, encoder_keys, load_stats
     from walt_cli.models.tokenizer import CausalVideoTokenizer
     from walt_cli.systems.base import _first_items, collate_latents, preview_source, shard_loader
     from walt_cli.systems.common import last_checkpoint, run_stage
@@ -259,7 +259,7 @@ def train_sr(
                 f"{err} (previews decode with it; {key}.preview_every=0 turns them off)"
             ) from None
         tok = CausalVideoTokenizer.from_checkpoint(tok_file).eval()
-        tok_hash = file_hash(tok_file)
+        tok_hash = encoder_keys(tok_file)
     root = sr_latent_root(recipe, stage)
     if not (root / "train" / "index.jsonl").is_file():
         raise WaltError(

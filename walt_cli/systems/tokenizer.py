@@ -118,12 +118,14 @@ class TokenizerSystem(L.LightningModule):
         fps: float = 8.0,
         freeze_encoder: bool = False,
         encoder_of: str | None = None,
+        encoder_files: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer = tokenizer
         self.freeze_encoder = freeze_encoder
         self.encoder_of = encoder_of  # the file whose encoder this one keeps (its latents' key)
+        self.encoder_files = tuple(encoder_files)  # the fine-tunes between it and this one
         if freeze_encoder:
             # Out of the optimizer and out of autograd: the encoder is never updated, and its
             # EMA copy stays bit-equal (a lerp between equal tensors returns them exactly).
@@ -355,6 +357,8 @@ class TokenizerSystem(L.LightningModule):
         extra: dict[str, Any] = {"step": int(self.step), "ema": True}
         if self.encoder_of:
             extra["encoder_of"] = self.encoder_of
+        if self.encoder_files:
+            extra["encoder_files"] = list(self.encoder_files)
         return self.ema.module.save(self.stage_dir / TOKENIZER_FILE, extra=extra)
 
     # ---------------------------------------------------------------------------------------
@@ -395,17 +399,18 @@ def build_system(recipe, *, decoder: bool = False, fresh: bool = True) -> Tokeni
     """The training system a recipe describes: a fresh tokenizer from the preset (or, for a
     `fresh` run with `tokenizer.init_from`, those weights), or with `decoder` the run's trained
     tokenizer (`tokenizer.checkpoint` or its own) with the encoder frozen."""
-    from walt_cli.data.latents import encoder_key
+    from walt_cli.data.latents import encoder_key, encoder_keys
     from walt_cli.systems.encode import tokenizer_path
 
     k = recipe.tokenizer
-    encoder_of = None
+    encoder_of, encoder_files = None, ()
     if decoder:
         source = tokenizer_path(recipe)
         tok = CausalVideoTokenizer.from_checkpoint(source).train()
         # Latents are keyed by the file that encoded them: a fine-tune of a fine-tune keeps
-        # naming the first.
+        # naming the first, and names the fine-tunes in between (`encoder_keys`).
         encoder_of = encoder_key(source)
+        encoder_files = tuple(sorted(encoder_keys(source) - {encoder_of}))
     elif k.init_from and fresh:
         tok = init_tokenizer(k.preset, Path(k.init_from))
     else:
@@ -418,6 +423,7 @@ def build_system(recipe, *, decoder: bool = False, fresh: bool = True) -> Tokeni
         fps=float(recipe.data.fps or recipe.data.shapes.fps or 8.0),
         freeze_encoder=decoder,
         encoder_of=encoder_of,
+        encoder_files=encoder_files,
     )
 
 
