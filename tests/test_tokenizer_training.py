@@ -500,31 +500,19 @@ def test_a_fine_tune_of_a_fine_tune_names_every_file_of_its_encoder(tmp_path: Pa
         [file_hash(first["weights"])],
     )
     assert encoder_key(second["weights"]) == original
-    # The run's base, as if trained on latents that `first` keyed by its own hash.
-    base = run / "base" / "base.safetensors"
-    config, state, meta = load_weights(base, kind=CHECKPOINT_KIND)
-    meta["latent_stats"]["tokenizer"] = file_hash(first["weights"])
-    (second_run / "base").mkdir()
-    save_weights(
-        second_run / "base" / "base.safetensors",
-        torch.nn.Module(),
-        kind=CHECKPOINT_KIND,
-        config=config,
-        state=state,
-        extra=meta,
-    )
+    config, state, meta = load_weights(run / "base" / "base.safetensors", kind=CHECKPOINT_KIND)
+
+    def base_keyed_by(key: str) -> None:  # the run's base, as if trained on latents keyed `key`
+        meta["latent_stats"]["tokenizer"] = key
+        out = second_run / "base" / "base.safetensors"
+        save_weights(
+            out, torch.nn.Module(), kind=CHECKPOINT_KIND, config=config, state=state, extra=meta
+        )
+
+    base_keyed_by(file_hash(first["weights"]))  # what `first` as tokenizer.checkpoint wrote
     bundle = export_bundle(second_run, tmp_path / "bundle")
     video = Pipeline.from_bundle(bundle, device="cpu").generate(seeds=[0], labels=[1])
     assert video.shape == (1, 9, 32, 32, 3)
-    # Another tokenizer's key is still refused.
-    meta["latent_stats"]["tokenizer"] = "0123456789abcdef"
-    save_weights(
-        second_run / "base" / "base.safetensors",
-        torch.nn.Module(),
-        kind=CHECKPOINT_KIND,
-        config=config,
-        state=state,
-        extra=meta,
-    )
+    base_keyed_by("0123456789abcdef")  # another tokenizer's key is still refused
     with pytest.raises(WaltError, match="trained on latents of tokenizer 0123456789abcdef"):
         export_bundle(second_run, tmp_path / "bundle2")
