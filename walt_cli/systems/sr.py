@@ -250,7 +250,7 @@ def train_sr(
     stage_dir = Path(recipe.run_dir) / f"sr{stage}"
     resume = last_checkpoint(stage_dir)
 
-    tok = tok_hash = None
+    tok = keys = None
     if s.preview_every:
         try:
             tok_file = tokenizer_path(recipe)
@@ -259,7 +259,7 @@ def train_sr(
                 f"{err} (previews decode with it; {key}.preview_every=0 turns them off)"
             ) from None
         tok = CausalVideoTokenizer.from_checkpoint(tok_file).eval()
-        tok_hash = encoder_keys(tok_file)
+        keys = encoder_keys(tok_file)  # any key of its encoder (a fine-tuned decoder's too)
     root = sr_latent_root(recipe, stage)
     if not (root / "train" / "index.jsonl").is_file():
         raise WaltError(
@@ -267,7 +267,7 @@ def train_sr(
             f"{stage}` first"
         )
     train_set = LatentShards(root / "train")
-    stats = load_stats(root / "train", tokenizer=tok_hash if tok is not None else None)
+    stats = load_stats(root / "train", tokenizer=keys if tok is not None else None)
     if "lowres" not in stats or "lowres" not in train_set[0]:
         raise WaltError(
             f"{root / 'train'} holds no low-res pairs; encode them with `walt tokenize encode "
