@@ -488,7 +488,7 @@ def train_base(
     resume = last_checkpoint(stage_dir)
     batch_size = b.batch_size or d.batch_size
 
-    tok = tok_hash = None
+    tok = None
     if online or b.preview_every:
         try:
             tok_file = tokenizer_path(recipe)
@@ -497,10 +497,10 @@ def train_base(
                 "" if online else " (previews decode with it; base.preview_every=0 turns them off)"
             )
             raise WaltError(f"{err}{hint}") from None
-        tok_hash = encoder_key(tok_file)
         tok = CausalVideoTokenizer.from_checkpoint(tok_file).eval()
 
     if online:
+        tok_hash = encoder_key(tok_file)
         train_loader, _, train_set, val_set = data_loaders(
             recipe, shuffle_seed=t.seed, batch_size=batch_size
         )
