@@ -267,7 +267,7 @@ def train_sr(
             f"{stage}` first"
         )
     train_set = LatentShards(root / "train")
-    stats = load_stats(root / "train", tokenizer=keys if tok is not None else None)
+    stats = load_stats(root / "train", tokenizer=keys)
     if "lowres" not in stats or "lowres" not in train_set[0]:
         raise WaltError(
             f"{root / 'train'} holds no low-res pairs; encode them with `walt tokenize encode "
