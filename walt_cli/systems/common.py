@@ -236,6 +236,12 @@ class StepCheckpoint(Callback):
         self._save(trainer, module)
 
 
+def _not_a_tip(record) -> bool:
+    """A logging filter: drops Lightning's advertisements ("💡 Tip: ... try installing
+    litlogger") from every run's log; its other messages (devices, warnings) stay."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
 def build_trainer(
     recipe,
     stage_dir: Path,
@@ -255,17 +261,20 @@ def build_trainer(
     Lightning's global_step counts every optimizer's steps.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar
 
+    from walt_cli.systems.progress import StepProgress
     from walt_cli.systems.tensorboard_log import extra_loggers
 
     t = recipe.trainer
     stage_dir = Path(stage_dir)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_a_tip not in logger.filters:
+        logger.addFilter(_not_a_tip)
     extra = extra_loggers(t.loggers, stage_dir)  # a missing package stops us before any write
     stage_dir.mkdir(parents=True, exist_ok=True)
     cbs = [*(callbacks or [])]
     if progress:
-        cbs.append(RichProgressBar(leave=True))
+        cbs.append(StepProgress())
     from walt_cli.runio import AtomicCheckpointIO
     from walt_cli.systems.csv_log import MetricsCSV
     from walt_cli.systems.parallel import strategy_for, trainer_errors
@@ -332,6 +341,8 @@ def fit(trainer, system, train_loader, *, val_loader=None, resume: Path | None =
             "ignore",
             message=".*(does not have many workers|resuming from a checkpoint|that ended before the epoch).*",
         )
+        # Lightning 2.6 using a torch 2.13 deprecation, once a run: not a user's to act on.
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec", category=FutureWarning)
         try:
             trainer.fit(
                 system,
@@ -607,7 +618,6 @@ class DiffusionSystem(L.LightningModule):
 
         summed = self._summed  # the step's loss (mean over its micro-batches) and counts (sums)
         self.log("loss", summed["train/loss"], prog_bar=True, logger=False)
-        self.log("step", float(step), prog_bar=True, logger=False)
         if logging_step:
             metrics = {
                 "train/loss": float(summed["train/loss"]),

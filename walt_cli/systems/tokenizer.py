@@ -293,7 +293,6 @@ class TokenizerSystem(L.LightningModule):
         if step >= self.max_steps:
             self.trainer.should_stop = True
         self.log("recon", g_terms["recon"].detach(), prog_bar=True, logger=False)
-        self.log("step", float(step), prog_bar=True, logger=False)
         if step % self.log_every == 0 or step == 1 or step >= self.max_steps:
             with torch.no_grad():
                 metrics = {f"train/{k}": float(v) for k, v in {**g_terms, **d_terms}.items()}
