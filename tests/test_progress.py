@@ -12,7 +12,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from walt_cli.systems.progress import StepProgress, format_duration, format_rate
+from walt_cli.console import format_duration
+from walt_cli.systems.progress import StepProgress, format_rate
 
 
 class Counting(L.LightningModule):
@@ -130,7 +131,7 @@ def test_the_default_bar_pickles_for_ddp_spawn():
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(0, "0:00"), (61.4, "1:01"), (3723, "1:02:03"), (float("inf"), "?")]
+    ("seconds", "text"), [(0, "0:00"), (61.9, "1:01"), (3723, "1:02:03"), (float("inf"), "?")]
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
@@ -140,3 +141,55 @@ def test_format_rate_switches_to_seconds_per_step_below_one():
     assert format_rate(2.5) == "2.50 steps/s"
     assert format_rate(0.5) == "2.00 s/step"
     assert format_rate(float("nan")) == "? steps/s"
+
+
+# ---------------------------------------------------------------- `walt_cli.console.progress`
+
+
+def logged(monkeypatch, *, terminal: bool, **kwargs):
+    from walt_cli import console as console_module
+
+    buf = io.StringIO()
+    fake = Console(file=buf, force_terminal=terminal, width=160, color_system=None)
+    monkeypatch.setattr(console_module, "err_console", fake)
+    return console_module.progress(**kwargs), buf
+
+
+def test_plain_progress_prints_a_line_per_interval_and_at_completion(monkeypatch):
+    bar, buf = logged(monkeypatch, terminal=False, log_every_s=0.0)
+    with bar:
+        task = bar.add_task("I3D features of real", total=4)
+        for _ in range(4):
+            bar.advance(task)
+        bar.update(task, completed=4)  # completed again: its line is not repeated
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("I3D features of real:")]
+    assert [ln.split(" · ")[0] for ln in lines] == [
+        "I3D features of real: 1/4 (25%)",
+        "I3D features of real: 2/4 (50%)",
+        "I3D features of real: 3/4 (75%)",
+        "I3D features of real: 4/4 (100%)",
+    ]
+    assert "eta" not in lines[-1]  # done: its elapsed time only
+
+
+@pytest.mark.parametrize("transient", [False, True])
+def test_plain_progress_of_short_work_prints_one_final_state(monkeypatch, transient):
+    """Under the interval, a task's only line is its final state: Rich's render when the bar
+    stops, or ours at completion where the bar is transient (Rich then prints nothing)."""
+    bar, buf = logged(monkeypatch, terminal=False, transient=transient)  # 30 s between lines
+    with bar:
+        task = bar.add_task("decode", total=3)
+        for _ in bar.track(range(3), task_id=task):
+            pass
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("decode")]
+    assert len(lines) == 1
+    assert lines[0].startswith("decode: 3/3 (100%) · elapsed 0:0" if transient else "decode ━")
+
+
+def test_terminal_progress_prints_no_plain_lines(monkeypatch):
+    bar, buf = logged(monkeypatch, terminal=True, log_every_s=0.0)
+    with bar:
+        task = bar.add_task("decode", total=2)
+        bar.advance(task, 2)
+    assert "decode: 2/2 (100%)" not in buf.getvalue()
+    assert "2/2" in buf.getvalue()  # Rich's own bar

@@ -243,19 +243,10 @@ def _generate(
 
 def _evaluate(real: str, fake: str, **kwargs):
     """Run the evaluation under a Rich progress bar (on stderr, so stdout stays a table)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from walt_cli.console import err_console
+    from walt_cli.console import progress as progress_bar
     from walt_cli.metrics.fvd import evaluate_sets
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with progress_bar(transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:

@@ -16,18 +16,10 @@ from typing import Any
 
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
+from walt_cli.console import err_console, format_duration
+
 # Lightning's logger version: nothing to a user watching one run.
 _HIDDEN = frozenset({"v_num"})
-
-
-def format_duration(seconds: float) -> str:
-    """1:02:03 / 2:03; "?" for an unknown (infinite or NaN) duration."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def format_rate(steps_per_s: float) -> str:
@@ -72,11 +64,7 @@ class StepProgress(ProgressBar):
 
     @property
     def console(self):
-        if self._console is None:
-            from walt_cli.console import err_console
-
-            return err_console
-        return self._console
+        return err_console if self._console is None else self._console
 
     # Lightning's ProgressBar interface -----------------------------------------------------
 
