@@ -357,6 +357,8 @@ def test_animate_cli_and_its_errors(cli, base_run, tmp_path):
     [
         (["--class", "1", "--frames", "11"], "use 9 or 13"),
         (["--class", "1", "--guidance", "1,2"], "one value or one per stage"),
+        (["--class", "1", "--steps", "0"], "--steps: 0 is below 1"),
+        (["--class", "1", "--guidance", "two"], "--guidance: 'two' is not a number"),
         (["--class", "no such class"], "unknown class"),
         (["--class", "99"], "class ids run from 0 to 9"),
         (["a red circle"], "class-conditional"),

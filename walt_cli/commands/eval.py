@@ -225,7 +225,7 @@ def _generate(
             num_samples=num_samples,
             task=task,
             seed=seed,
-            steps=parse_values(steps, "--steps", int),
+            steps=parse_values(steps, "--steps", int, minimum=1),
             guidance=parse_values(guidance, "--guidance", float),
             batch_size=batch,
             devices=devices,

@@ -76,7 +76,7 @@ def _request(
         prompts=[p for p, _ in rows],
         labels=[c for _, c in rows],  # class names resolved to ids once the model is loaded
         seeds=[seed + i for i in range(len(rows))],
-        steps=parse_values(steps, "--steps", int),
+        steps=parse_values(steps, "--steps", int, minimum=1),
         guidance=parse_values(guidance, "--guidance", float),
         num_frames=frames,
         fps=fps,

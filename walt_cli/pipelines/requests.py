@@ -53,8 +53,9 @@ class Request:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def parse_values(values: list[str] | None, name: str, cast) -> list | None:
-    """`--guidance 4,2` or `--guidance 4 --guidance 2` -> [4.0, 2.0]."""
+def parse_values(values: list[str] | None, name: str, cast, minimum=None) -> list | None:
+    """`--guidance 4,2` or `--guidance 4 --guidance 2` -> [4.0, 2.0]; each value at least
+    `minimum` when one is given."""
     if not values:
         return None
     out = []
@@ -67,6 +68,8 @@ def parse_values(values: list[str] | None, name: str, cast) -> list | None:
                 out.append(cast(part))
             except ValueError:
                 raise WaltError(f"{name}: {part!r} is not a number") from None
+            if minimum is not None and out[-1] < minimum:
+                raise WaltError(f"{name}: {part} is below {minimum}")
     return out or None
 
 
