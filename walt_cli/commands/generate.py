@@ -21,6 +21,7 @@ DEFAULT_MODEL_EPILOG = (
     + describe_shapes_vocab()
     + ". Other words draw a warning naming them, and still a video."
 )
+PRECISION_HELP = "auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX)."
 GUIDANCE_HELP = (
     "Classifier-free guidance: one value or one per stage (1 = none); default: the model's."
 )
@@ -140,11 +141,7 @@ def sample(
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option(
-        "auto",
-        "--precision",
-        help="auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX).",
-    ),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress."),
 ) -> None:
     """Generate videos: base DDIM -> SR stages -> decoder; a JSON sidecar beside each file.
@@ -197,11 +194,7 @@ def animate(
     fps: float | None = typer.Option(None, "--fps", help="Frame rate (default: the model's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per forward batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option(
-        "auto",
-        "--precision",
-        help="auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX).",
-    ),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress."),
 ) -> None:
     """Image-to-video (the image is the first latent frame), or continue a clip with --video.
