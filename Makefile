@@ -66,13 +66,13 @@ endif
 endif
 ifeq ($(TOKENIZER_BF16),1)
 TOKENIZER_SCHEDULE := trainer.precision=bf16-mixed tokenizer.max_steps=8000 tokenizer.val_every=1000
-DECODER_CROPS := $(DECODER_DATA) trainer.precision=bf16-mixed tokenizer.max_steps=1500 \
-	tokenizer.lr=5e-4 tokenizer.val_every=500 trainer.checkpoint_every=250
+DECODER_SCHEDULE := trainer.precision=bf16-mixed tokenizer.max_steps=1500 tokenizer.val_every=500 \
+	trainer.checkpoint_every=250
 else
 TOKENIZER_SCHEDULE :=
-DECODER_CROPS := $(DECODER_DATA) tokenizer.max_steps=300 tokenizer.lr=5e-4 tokenizer.val_every=100 \
-	trainer.checkpoint_every=50
+DECODER_SCHEDULE := tokenizer.max_steps=300 tokenizer.val_every=100 trainer.checkpoint_every=50
 endif
+DECODER_CROPS := $(DECODER_DATA) tokenizer.lr=5e-4 $(DECODER_SCHEDULE)
 # The SR stage learns a local map: 1024 clips of 128x128 pairs (encoding is the cost) suffice.
 SR_ITEMS := data.shapes.num_items=1024
 # Overrides for one stage, e.g. on a GPU: make default-model BASE_ARGS="base.max_steps=40000
