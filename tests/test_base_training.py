@@ -375,3 +375,44 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(WaltError, match="3 non-finite losses in a row at step 3"):
         train_base(tiny(tmp_path, "base.max_steps=10", "base.nan_patience=3",
                         "base.preview_every=0"), progress=False)  # fmt: skip
+
+
+def test_grad_clip_with_a_fused_optimizer_under_mixed_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Fused AdamW (walt's optimizer on CUDA) with `grad_clip` under bf16-mixed: Lightning's own
+    clipping refused it, which stopped every CUDA run at its first step (seen on an H200). The
+    CPU has the fused kernel too, so the same path runs here."""
+    import walt_cli.systems.common as common
+
+    fused = []
+
+    def fused_adamw(params, **kwargs):
+        fused.append(True)
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+
+    monkeypatch.setattr(common, "adamw", fused_adamw)
+    recipe = encoded(tmp_path, "base.max_steps=2", "base.preview_every=0", "base.grad_clip=0.01",
+                     "trainer.precision=bf16-mixed")  # fmt: skip
+    summary = train_base(recipe, progress=False)
+    assert fused and summary["step"] == 2
+
+
+def test_clip_grad_norm_scales_the_threshold_with_the_loss_scale():
+    """Under a 16-mixed loss scaler the gradients are still scaled when they are clipped: the
+    unscaled gradient ends at max_norm, as without a scaler."""
+    from types import SimpleNamespace
+
+    from walt_cli.systems.common import clip_grad_norm
+
+    def clipped(scale: float | None) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0]) * (scale or 1.0)  # norm 5 before scaling
+        scaler = None if scale is None else SimpleNamespace(get_scale=lambda: scale)
+        module = SimpleNamespace(trainer=SimpleNamespace(precision_plugin=SimpleNamespace(
+            scaler=scaler)))  # fmt: skip
+        clip_grad_norm(module, torch.optim.SGD([p], lr=1.0), 1.0)
+        return p.grad / (scale or 1.0)
+
+    torch.testing.assert_close(clipped(None), torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    torch.testing.assert_close(clipped(1024.0), torch.tensor([0.6, 0.8, 0.0, 0.0]))

@@ -160,7 +160,7 @@ def test_inference_folds_qk_norm_into_q_and_equals_reference(
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_equals_sdpa_forward(impl):
-    """FlexAttention (the CUDA path) against SDPA on CPU: bias as score_mod, padding as a block
+    """FlexAttention (on request: WALT_ATTENTION=flex) against SDPA on CPU: bias as score_mod, padding as a block
     mask, identity packs. PyTorch has no FlexAttention backward on CPU: forward only here."""
     torch.manual_seed(0)
     attn = WindowSelfAttention(16, 2, (4, 4), temporal=True, max_frames=3)
@@ -538,3 +538,37 @@ def test_inference_bias_cache_follows_the_table():
         bias.table.add_(1.0)
         torch.testing.assert_close(bias((2, 3, 3)), first + 1.0)
     assert bias((2, 3, 3)).requires_grad  # with gradients: gathered in the graph
+
+
+def test_inference_bias_cache_follows_a_moved_table():
+    """`module.to(...)` keeps the table's Parameter (same id, same version counter) and swaps its
+    storage: the cached bias must follow it. A stale CPU bias reached a CUDA kernel when the
+    FLOP count ran a forward pass on the CPU before training moved the model to the GPU; a
+    dtype move shows the same on a CPU."""
+    from walt_cli.models.attention import RelativePositionBias
+
+    bias = RelativePositionBias((2, 3, 3), heads=2)
+    with torch.no_grad():
+        before = bias((2, 3, 3))
+        bias.to(torch.float64)
+        after = bias((2, 3, 3))
+    assert after.dtype == torch.float64 and after.device == bias.table.device
+    torch.testing.assert_close(after, before.double())
+
+
+def test_auto_attention_choice_per_device():
+    """The "auto" choice: SDPA on CUDA, training too (its memory-efficient kernel
+    differentiates the bias; FlexAttention lost to it on an H200, BENCHMARKS.md), the
+    hand-written kernel for CPU training with a learned bias, SDPA for CPU inference."""
+    from types import SimpleNamespace
+
+    from walt_cli.models.attention import attention_impl
+
+    def on(kind):
+        return SimpleNamespace(device=SimpleNamespace(type=kind))  # all attention_impl reads
+
+    assert attention_impl(on("cuda"), bias_grad=True) == "sdpa"
+    assert attention_impl(on("cpu"), bias_grad=True) == "window"
+    assert attention_impl(on("cpu"), bias_grad=False) == "sdpa"
+    with torch.no_grad():
+        assert attention_impl(on("cpu"), bias_grad=True) == "sdpa"

@@ -141,11 +141,16 @@ class RelativePositionBias(nn.Module):
         """(heads, N, N) bias for an effective window (wt, wh, ww).
 
         Without a gradient to the table (sampling, evaluation) the gathered bias is kept until
-        the table changes (an optimizer or EMA step, a load), so 50 sampling steps gather once."""
+        the table changes (an optimizer or EMA step, a load, a move to another device or dtype),
+        so 50 sampling steps gather once."""
         window = tuple(window)
-        if torch.compiler.is_compiling() or (self.table.requires_grad and torch.is_grad_enabled()):
+        table = self.table
+        if torch.compiler.is_compiling() or (table.requires_grad and torch.is_grad_enabled()):
             return self._gather(window)
-        key = (window, id(self.table), self.table._version)
+        # `module.to(...)` swaps the parameter's storage but keeps its id and version counter:
+        # the storage address, device and dtype tell a moved table (a bias gathered on the CPU,
+        # e.g. by the FLOP count before training, once reached a CUDA kernel).
+        key = (window, id(table), table._version, table.data_ptr(), table.device, table.dtype)
         cache = self.__dict__.setdefault("_inference_cache", {})
         if key not in cache:
             cache.clear()
@@ -189,13 +194,17 @@ class RelativePositionBias(nn.Module):
 # Three implementations of softmax(q k^T / sqrt(d) + bias + padding) v over windows, equal to
 # float tolerance (tests/test_attention.py), chosen by `attention_impl`:
 # - "sdpa": `F.scaled_dot_product_attention` with the bias and padding as one additive mask (the
-#   reference). In inference it runs a fused kernel; in training a learned bias needs its
-#   gradient, which no fused SDPA kernel gives, so it falls back to the MATH kernel.
+#   reference), and the CUDA path. In inference it runs a fused kernel; in training a learned
+#   bias needs its gradient, which CUDA's memory-efficient kernel gives and no CPU kernel does
+#   (the CPU falls back to the MATH kernel).
 # - "window": the same computation by hand (`WindowAttentionFunction`), the CPU training path:
 #   the bias is added in place, only the softmax's log-normaliser is kept for the backward
 #   pass, and the bias gradient is summed over the windows directly; no mask is expanded.
-# - "flex": FlexAttention with the bias as a `score_mod` and the padding as a block mask, the
-#   CUDA path (a fused, compiled kernel that also differentiates the bias table).
+# - "flex": FlexAttention with the bias as a `score_mod` and the padding as a block mask (a
+#   compiled kernel that also differentiates the bias table), on request only: on an H200
+#   (torch 2.11, BENCHMARKS.md "GPU") it trained walt-xl 3-9% slower than "sdpa", failed to
+#   compile for walt-l (its Triton kernel wanted more shared memory than the chip has), and
+#   trained the default model's small base at 1.7 steps/s (batch 64), a CPU's rate.
 
 ATTENTION_IMPLS = ("auto", "sdpa", "window", "flex")
 _attention_impl = os.environ.get("WALT_ATTENTION", "auto")
@@ -203,7 +212,7 @@ _attention_impl = os.environ.get("WALT_ATTENTION", "auto")
 
 def set_attention_impl(name: str) -> None:
     """Force one window-attention implementation for every layer ("auto" restores the default:
-    FlexAttention on CUDA, the hand-written kernel for CPU training, SDPA otherwise)."""
+    the hand-written kernel for CPU training with a learned bias, SDPA otherwise)."""
     global _attention_impl
     if name not in ATTENTION_IMPLS:
         raise WaltError(
@@ -217,9 +226,7 @@ def attention_impl(q: Tensor, *, bias_grad: bool) -> str:
     (`bias_grad`) or not."""
     if _attention_impl != "auto":
         return _attention_impl
-    if q.device.type == "cuda" and _flex_available():
-        return "flex"
-    if bias_grad and torch.is_grad_enabled():
+    if bias_grad and torch.is_grad_enabled() and q.device.type != "cuda":
         return "window"
     return "sdpa"
 
@@ -285,14 +292,6 @@ class WindowAttentionFunction(torch.autograd.Function):
         grad_q = torch.matmul(ds, k).mul_(ctx.scale)
         grad_k = torch.matmul(ds.transpose(-1, -2), q).mul_(ctx.scale)
         return grad_q, grad_k, grad_v, grad_bias, None, None
-
-
-def _flex_available() -> bool:
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return False
-    return True
 
 
 _COMPILED_FLEX = None
@@ -544,8 +543,8 @@ class WindowSelfAttention(nn.Module):
 
     def backend(self, x: Tensor, *, training: bool = False) -> str:
         """The attention implementation (and SDPA kernel) this layer runs for x (B, T, H, W, C):
-        "window" (hand-written, CPU training with a learned bias), "flex" (FlexAttention, CUDA)
-        or "sdpa:<KERNEL>"."""
+        "window" (hand-written, CPU training with a learned bias), "flex" (FlexAttention, on
+        request) or "sdpa:<KERNEL>"."""
         b, t, h, w, c = x.shape
         window = effective_window((t, h, w), self.window, self.temporal)
         grid = (t, math.ceil(h / window[1]) * window[1], math.ceil(w / window[2]) * window[2])

@@ -236,6 +236,22 @@ class StepCheckpoint(Callback):
         self._save(trainer, module)
 
 
+def clip_grad_norm(module, opt, max_norm: float) -> None:
+    """Clip the gradients of `opt`'s parameters to a total L2 norm of `max_norm`.
+
+    By hand rather than Lightning's `clip_gradients`, which under mixed precision refuses an
+    optimizer that unscales inside its own step: fused AdamW, walt's optimizer on CUDA, so every
+    CUDA run with `grad_clip` > 0 stopped at its first step (seen on an H200, BENCHMARKS.md).
+    Under a 16-mixed loss scaler the gradients are still scaled here (the scaler unscales in
+    `opt.step()`), so the threshold is scaled with them: clipping s g to s max_norm is clipping
+    g to max_norm (Lightning clipped the scaled gradients to the unscaled threshold)."""
+    inner = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch optimizer
+    params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    scale = scaler.get_scale() if scaler is not None else 1.0  # a host sync, under fp16 only
+    torch.nn.utils.clip_grad_norm_(params, max_norm * scale)
+
+
 def _not_a_tip(record) -> bool:
     """A logging filter: drops Lightning's advertisements ("💡 Tip: ... try installing
     litlogger") from every run's log; its other messages (devices, warnings) stay."""
@@ -687,9 +703,7 @@ class DiffusionSystem(L.LightningModule):
                 [p.grad for p in self.net.parameters() if p.grad is not None]
             )
         if self.grad_clip > 0:
-            self.clip_gradients(
-                opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
-            )
+            clip_grad_norm(self, opt, self.grad_clip)
         return grad_norm
 
     # ---------------------------------------------------------------------------------------

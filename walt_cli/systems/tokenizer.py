@@ -45,6 +45,7 @@ from walt_cli.models.discriminator import Discriminator3D
 from walt_cli.models.tokenizer import CausalVideoTokenizer
 from walt_cli.systems.common import (
     NonFiniteGuard,
+    clip_grad_norm,
     ema_model,
     precision_row,
     section_kwargs,
@@ -260,9 +261,7 @@ class TokenizerSystem(L.LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_terms["g_loss"])
         if self.grad_clip > 0:
-            self.clip_gradients(
-                opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
-            )
+            clip_grad_norm(self, opt_g, self.grad_clip)
         opt_g.step()
         sched_g.step()
         self.untoggle_optimizer(opt_g)
@@ -278,9 +277,7 @@ class TokenizerSystem(L.LightningModule):
                 with outside_system_ddp(self):  # synchronised by the discriminator's own DDP
                     self.manual_backward(d_terms["d_loss"])
                 if self.grad_clip > 0:
-                    self.clip_gradients(
-                        opt_d, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
-                    )
+                    clip_grad_norm(self, opt_d, self.grad_clip)
                 opt_d.step()
                 sched_d.step()
                 self.d_steps += 1
