@@ -184,12 +184,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420, help="skip cases past this")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU")
     parser.add_argument("--bundle", default="default", help="the bundle of the last case")
+    parser.add_argument("--attention", default="auto", help="auto, sdpa, window or flex")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     import torch
 
     from walt_cli.errors import WaltError
+    from walt_cli.models.attention import set_attention_impl
 
+    set_attention_impl(args.attention)
     if args.dry_run:
         device = torch.device("cpu")
         args.models = ["tiny"]
@@ -204,7 +207,21 @@ def main() -> None:
         if args.peak_tflops is None:
             args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     began = time.perf_counter()
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
+
+    def attempt(case: str, run, *run_args, **run_kwargs):
+        """run(*run_args, **run_kwargs), or None with the failure listed: one case that cannot compile on this GPU
+        (FlexAttention for walt-l on an H200) no longer ends the whole run."""
+        try:
+            return run(*run_args, **run_kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of one case is reported
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            failed.append(f"{case}: {type(err).__name__}: {lines[0] if lines else ''}")
+            print(f"  {case}: FAILED ({failed[-1]})", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     for preset in args.models:
         for compiled in (False, True):
             for ckpt in (False, True):
@@ -214,15 +231,20 @@ def main() -> None:
                 if time.perf_counter() - began > args.budget_s:
                     skipped.append(f"{case} (past --budget-s)")
                     continue
-                result = train_case(args, preset, device, compiled=compiled, ckpt=ckpt)
-                rows.append((preset, compiled, ckpt, result))
-                print(f"  {case}: {json.dumps(result)}", file=sys.stderr, flush=True)
+                result = attempt(
+                    case, train_case, args, preset, device, compiled=compiled, ckpt=ckpt
+                )
+                if result is not None:
+                    rows.append((preset, compiled, ckpt, result))
+                    print(f"  {case}: {json.dumps(result)}", file=sys.stderr, flush=True)
     samples = {}
     for preset in args.models:
         if time.perf_counter() - began > args.budget_s:
             skipped.append(f"{preset} sampling (past --budget-s)")
             continue
-        samples[preset] = sample_case(args, preset, device)
+        result = attempt(f"{preset} sampling", sample_case, args, preset, device)
+        if result is not None:
+            samples[preset] = result
     default = None
     if time.perf_counter() - began > args.budget_s:
         skipped.append("default model fp32 / bf16 (past --budget-s)")
@@ -232,7 +254,7 @@ def main() -> None:
         except (ImportError, WaltError) as err:  # e.g. no MiniLM package on the GPU's image
             skipped.append(f"default model fp32 / bf16 ({err})")
     print(
-        f"GPU: {name}; torch {torch.__version__}; latent {'x'.join(map(str, GRID))}, batch "
+        f"GPU: {name}; torch {torch.__version__}; attention {args.attention}; latent {'x'.join(map(str, GRID))}, batch "
         f"{args.batch}, {'fp32' if args.dry_run else 'bf16 autocast'}, {args.steps} timed steps after {args.warmup}; peak "
         f"{args.peak_tflops} TFLOP/s for MFU; total {time.perf_counter() - began:.0f} s.\n"
     )
@@ -261,6 +283,8 @@ def main() -> None:
         )
     if skipped:
         print(f"\nSkipped: {', '.join(skipped)}")
+    for line in failed:
+        print(f"\nFailed: {line}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -269,6 +293,8 @@ def main() -> None:
                     "sampling": samples,
                     "default_model": default,
                     "skipped": skipped,
+                    "failed": failed,
+                    "attention": args.attention,
                     "device": name,
                 },
                 indent=1,
