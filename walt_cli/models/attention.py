@@ -204,7 +204,7 @@ class RelativePositionBias(nn.Module):
 #   compiled kernel that also differentiates the bias table), on request only: on an H200
 #   (torch 2.11, BENCHMARKS.md "GPU") it trained walt-xl 3-9% slower than "sdpa", failed to
 #   compile for walt-l (its Triton kernel wanted more shared memory than the chip has), and
-#   trained the default model's small base at 1.7 steps/s (batch 64), a CPU's rate.
+#   trained the default model's small base at only 1.7 steps/s (batch 64).
 
 ATTENTION_IMPLS = ("auto", "sdpa", "window", "flex")
 _attention_impl = os.environ.get("WALT_ATTENTION", "auto")
