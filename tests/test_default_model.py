@@ -111,7 +111,7 @@ def test_package_data_ships_the_bundle():
 @pytest.mark.parametrize("bf16", ["0", "1"])
 def test_make_default_model_runs_valid_recipes(tmp_path, bf16):
     # Every override `make default-model` passes is a key of the recipe with a valid value, and
-    # the tokenizer's two steps get the schedule of their precision (Makefile: TOKENIZER_BF16).
+    # the tokenizer's two steps and the base get the schedule of their precision (NATIVE_BF16).
     import shlex
     import subprocess
 
@@ -119,18 +119,19 @@ def test_make_default_model_runs_valid_recipes(tmp_path, bf16):
 
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run(
-        ["make", "-s", "-n", "default-model", f"DEFAULT_RUN={tmp_path}", f"TOKENIZER_BF16={bf16}"],
+        ["make", "-s", "-n", "default-model", f"DEFAULT_RUN={tmp_path}", f"NATIVE_BF16={bf16}"],
         cwd=repo, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     commands = [shlex.split(line) for line in out.splitlines() if line.startswith("walt ")]
     assert [c[1] for c in commands[:2]] == ["tokenize", "tokenize"] and "--decoder" in commands[1]
     assert commands[-1][:2] == ["walt", "export"]
-    recipes = []
+    recipes, stage = [], {}
     for c in commands:
         if c[2] != "recipes/shapes.yaml" and c[3] != "recipes/shapes.yaml":
             continue  # walt export takes a run directory
         overrides = [t for t in c if "=" in t and not t.startswith("-")]
         recipes.append(load_recipe(repo / "recipes/shapes.yaml", overrides))
+        stage[c[1]] = recipes[-1]
         assert recipes[-1].run_dir == str(tmp_path)
     tokenizer, decoder = recipes[:2]
     precision = "bf16-mixed" if bf16 == "1" else "32-true"
@@ -138,4 +139,8 @@ def test_make_default_model_runs_valid_recipes(tmp_path, bf16):
     steps = (8000, 1500) if bf16 == "1" else (2000, 300)
     assert (tokenizer.tokenizer.max_steps, decoder.tokenizer.max_steps) == steps
     assert list(tokenizer.data.resolution) == [32, 32] and list(decoder.data.resolution) == [64, 64]
-    assert all(r.trainer.precision == "32-true" for r in recipes[2:])  # later stages: unchanged
+    base = stage["train-base"]
+    assert (base.trainer.precision, base.base.max_steps) == (
+        (precision, 10000) if bf16 == "1" else ("32-true", 4000)
+    )
+    assert stage["train-sr"].trainer.precision == "32-true"  # SR1: the recipe's, either way
