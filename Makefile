@@ -57,7 +57,7 @@ DECODER_DATA := data.resolution=[64,64] data.random_crop=true data.shapes.render
 # a CPU with AMX tiles: Intel Sapphire Rapids and later), they train under bf16 autocast, twice
 # the fp32 rate there, for 8000 + 1500 steps: 49 minutes on 2 AMX cores, held-out 31.88 dB at
 # 64x64 (README, "The default model"). Elsewhere in fp32 for 2000 + 300 steps: about 72 minutes
-# on 2 AVX2 cores, 28.15 dB. The base likewise: 10000 steps under bf16 (74 minutes on 2 AMX
+# on 2 AVX2 cores, 28.15 dB. The base likewise: 10000 steps under bf16 (78 minutes on 2 AMX
 # cores), else the recipe's 4000 in fp32. Probed only for `make default-model`; NATIVE_BF16=0
 # or 1 chooses.
 ifneq ($(filter default-model,$(MAKECMDGOALS)),)
