@@ -210,8 +210,8 @@ def main() -> None:
     rows, skipped, failed = [], [], []
 
     def attempt(case: str, run, *run_args, **run_kwargs):
-        """run(*run_args, **run_kwargs), or None with the failure listed: one case that cannot compile on this GPU
-        (FlexAttention for walt-l on an H200) no longer ends the whole run."""
+        """run(*run_args, **run_kwargs), or None with the failure listed: one case that cannot
+        compile on this GPU (FlexAttention for walt-l on an H200) no longer ends the run."""
         try:
             return run(*run_args, **run_kwargs)
         except Exception as err:  # noqa: BLE001 - any failure of one case is reported
@@ -254,7 +254,8 @@ def main() -> None:
         except (ImportError, WaltError) as err:  # e.g. no MiniLM package on the GPU's image
             skipped.append(f"default model fp32 / bf16 ({err})")
     print(
-        f"GPU: {name}; torch {torch.__version__}; attention {args.attention}; latent {'x'.join(map(str, GRID))}, batch "
+        f"GPU: {name}; torch {torch.__version__}; attention {args.attention}; latent "
+        f"{'x'.join(map(str, GRID))}, batch "
         f"{args.batch}, {'fp32' if args.dry_run else 'bf16 autocast'}, {args.steps} timed steps after {args.warmup}; peak "
         f"{args.peak_tflops} TFLOP/s for MFU; total {time.perf_counter() - began:.0f} s.\n"
     )

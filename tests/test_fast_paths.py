@@ -160,8 +160,9 @@ def test_inference_folds_qk_norm_into_q_and_equals_reference(
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_equals_sdpa_forward(impl):
-    """FlexAttention (on request: WALT_ATTENTION=flex) against SDPA on CPU: bias as score_mod, padding as a block
-    mask, identity packs. PyTorch has no FlexAttention backward on CPU: forward only here."""
+    """FlexAttention (on request: WALT_ATTENTION=flex) against SDPA on CPU: bias as score_mod,
+    padding as a block mask, identity packs. PyTorch has no FlexAttention backward on CPU:
+    forward only here."""
     torch.manual_seed(0)
     attn = WindowSelfAttention(16, 2, (4, 4), temporal=True, max_frames=3)
     torch.nn.init.normal_(attn.bias.table, std=0.5)

@@ -202,7 +202,7 @@ class RelativePositionBias(nn.Module):
 #   pass, and the bias gradient is summed over the windows directly; no mask is expanded.
 # - "flex": FlexAttention with the bias as a `score_mod` and the padding as a block mask (a
 #   compiled kernel that also differentiates the bias table), on request only: on an H200
-#   (torch 2.11, BENCHMARKS.md "GPU") it trained walt-xl 3-9% slower than "sdpa", failed to
+#   (torch 2.11, BENCHMARKS.md "GPU") it trained walt-xl 3-17% slower than "sdpa", failed to
 #   compile for walt-l (its Triton kernel wanted more shared memory than the chip has), and
 #   trained the default model's small base at only 1.7 steps/s (batch 64).
 
