@@ -66,10 +66,13 @@ def test_a_bad_setting_is_one_line_and_exit_2(cli, monkeypatch):
     assert result.exit_code == 2 and "WALT_CPU_ALLOCATOR" in result.output
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_the_precision_row_points_a_cpu_run_with_amx_to_bf16_mixed(monkeypatch, amx):
-    """A 32-true run on a CPU with AMX is told that bf16-mixed trains faster there; a CPU
-    without AMX, a bf16-mixed run, a CUDA run and a failing probe get the bare setting."""
+@pytest.mark.parametrize(("amx", "avx512_bf16"), [(True, False), (False, True), (False, False)])
+def test_the_precision_row_points_a_cpu_run_with_native_bf16_to_bf16_mixed(
+    monkeypatch, amx, avx512_bf16
+):
+    """A 32-true run on a CPU with AMX tiles or AVX512-BF16 is told that bf16-mixed trains
+    faster there; a CPU with neither, a bf16-mixed run, a CUDA run and failing probes get the
+    bare setting."""
     import torch
 
     from walt_cli.runtime import cpu_has_native_bf16
@@ -78,10 +81,12 @@ def test_the_precision_row_points_a_cpu_run_with_amx_to_bf16_mixed(monkeypatch, 
     def trainer(precision: str, accelerator: str = "cpu"):
         return type("T", (), {"precision": precision, "accelerator": accelerator})()
 
+    native = amx or avx512_bf16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    assert cpu_has_native_bf16() is amx
-    hint = "this CPU has AMX: trainer.precision=bf16-mixed trains faster"
-    assert (hint in precision_row(trainer("32-true"))) is amx
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert cpu_has_native_bf16() is native
+    hint = "this CPU has native bf16: trainer.precision=bf16-mixed trains faster"
+    assert (hint in precision_row(trainer("32-true"))) is native
     assert precision_row(trainer("32-true")).startswith("32-true")
     assert precision_row(trainer("bf16-mixed")) == "bf16-mixed"
     assert precision_row(trainer("32-true", "cuda")) == "32-true"
@@ -90,5 +95,9 @@ def test_the_precision_row_points_a_cpu_run_with_amx_to_bf16_mixed(monkeypatch, 
         raise RuntimeError("no cpuinfo")
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
     assert not cpu_has_native_bf16()
     assert precision_row(trainer("32-true")) == "32-true"
+    # One probe failing does not hide the other's answer.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_has_native_bf16()

@@ -52,14 +52,18 @@ def keep_freed_cpu_memory() -> bool:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX tiles, as in Intel's Sapphire
-    Rapids and later). There bf16 autocast trains and samples faster than fp32; on a CPU
-    without them bf16 matrix multiplies are emulated and slower (BENCHMARKS.md, "bf16 on the
-    CPU"). Read from PyTorch's private CPU-feature probe; False where it is missing."""
+    """Whether this CPU multiplies bf16 matrices natively: AMX tiles (Intel's Sapphire Rapids
+    and later) or AVX512-BF16's dot-product instructions (AMD's Zen 4 and later, Intel's
+    Cooper Lake). There bf16 autocast trains faster than fp32 (1.6-2.2x: BENCHMARKS.md, "bf16
+    on the CPU"); on a CPU without either, bf16 matrix multiplies are emulated and slower. Read
+    from PyTorch's private CPU-feature probes; False where they are missing or fail."""
     import torch
 
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            continue
+    return False

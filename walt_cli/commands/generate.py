@@ -21,7 +21,9 @@ DEFAULT_MODEL_EPILOG = (
     + describe_shapes_vocab()
     + ". Other words draw a warning naming them, and still a video."
 )
-PRECISION_HELP = "auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX)."
+PRECISION_HELP = (
+    "auto (CUDA bf16, CPU fp32), fp32, bf16 (on a CPU, faster only with AMX or AVX512-BF16)."
+)
 GUIDANCE_HELP = (
     "Classifier-free guidance: one value or one per stage (1 = none); default: the model's."
 )

@@ -741,8 +741,8 @@ class Pipeline:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision, fp32 or bf16, of a pipeline on `device`: "auto" is bf16 on CUDA and fp32 on
-    the CPU, where bf16 is faster only on CPUs with native bf16 units (AMX; BENCHMARKS.md) and
-    fp32 keeps the shipped model's figures as measured."""
+    the CPU, where bf16 is faster only on CPUs with native bf16 units (AMX or AVX512-BF16;
+    BENCHMARKS.md) and fp32 keeps the shipped model's figures as measured."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):

@@ -902,8 +902,8 @@ def denoiser_rows(
 
 
 def precision_row(t) -> str:
-    """The start-up table's precision; a 32-true run on a CPU with native bf16 units (AMX) is
-    told that bf16-mixed trains faster there."""
+    """The start-up table's precision; a 32-true run on a CPU with native bf16 units (AMX or
+    AVX512-BF16) is told that bf16-mixed trains faster there."""
     from walt_cli.runtime import cpu_has_native_bf16
 
     text = str(t.precision)
@@ -911,7 +911,7 @@ def precision_row(t) -> str:
         str(t.accelerator) == "auto" and not torch.cuda.is_available()
     )
     if text == "32-true" and on_cpu and cpu_has_native_bf16():
-        text += " (this CPU has AMX: trainer.precision=bf16-mixed trains faster, BENCHMARKS.md)"
+        text += " (this CPU has native bf16: trainer.precision=bf16-mixed trains faster)"
     return text
 
 
