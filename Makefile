@@ -55,7 +55,7 @@ DECODER_DATA := data.resolution=[64,64] data.random_crop=true data.shapes.render
 	data.batch_size=4 data.shapes.num_items=100000 tokenizer.warmup_steps=20 tokenizer.val_batches=2
 # How long both train depends on the machine. Where bf16 matrix multiplies are native (CUDA, or
 # a CPU with AMX tiles or AVX512-BF16: Intel Sapphire Rapids, AMD Zen 4 and later), they train
-# under bf16 autocast, 1.5-2x the fp32 rate there, for 8000 + 1500 steps: 49 minutes on 2 AMX
+# under bf16 autocast, 1.5-2.2x the fp32 rate there, for 8000 + 1500 steps: 49 minutes on 2 AMX
 # cores, held-out 31.88 dB at 64x64 (README, "The default model"). Elsewhere in fp32 for 2000 +
 # 300 steps: about 72 minutes on 2 AVX2 cores, 28.15 dB. The base likewise: 10000 steps under
 # bf16 (78 minutes on 2 AMX cores), else the recipe's 4000 in fp32. Probed only for `make

@@ -54,7 +54,7 @@ def keep_freed_cpu_memory() -> bool:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively: AMX tiles (Intel's Sapphire Rapids
     and later) or AVX512-BF16's dot-product instructions (AMD's Zen 4 and later, Intel's
-    Cooper Lake). There bf16 autocast trains faster than fp32 (1.6-2.2x: BENCHMARKS.md, "bf16
+    Cooper Lake). There bf16 autocast trains faster than fp32 (1.4-2.2x: BENCHMARKS.md, "bf16
     on the CPU"); on a CPU without either, bf16 matrix multiplies are emulated and slower. Read
     from PyTorch's private CPU-feature probes; False where they are missing or fail."""
     import torch
