@@ -2,6 +2,8 @@
 
     python bench/probe_direction_synthetic.py --steps 3000
     python bench/probe_direction_synthetic.py --steps 800 base.p_self_cond=0 base.lr=3e-4
+    python bench/probe_direction_synthetic.py --steps 600 --net full_attention=true \
+        --net relative_position_bias=false --net qk_norm=false --net adaln_lora_rank=0
 
 The shapes base has not learnt the direction word (README, "Quality"), and neither has a control
 conditioned on class labels. This script takes the data out of the question: it trains the
@@ -25,8 +27,10 @@ A model that reads the label loses with a wrong one (a positive gap); a loss bel
 ideal can only come from reading it.
 
 Training runs on the CPU (44 min for 3000 steps of the shapes recipe's base on 2 cores);
-recipe overrides (`base.KEY=VALUE`) change the network or the optimiser. There is no EMA: the
-probe reads the weights being trained.
+recipe overrides (`base.KEY=VALUE`) change the network or the optimiser, and `--net KEY=VALUE`
+sets a `WALT` constructor keyword the recipe does not expose (the last example above is a
+DiT-like control: full attention, no relative bias, no qk-norm, a full AdaLN per layer). There
+is no EMA: the probe reads the weights being trained.
 """
 
 from __future__ import annotations
@@ -112,12 +116,44 @@ def later_frames_mse(pred, clips) -> float:
     return float(((pred[:, :, 1:] - clips[:, :, 1:]) ** 2).mean())
 
 
-def _network(recipe, grid, channels: int):
+def parse_net_overrides(items: list[str]) -> dict:
+    """`--net KEY=VALUE` items as WALT constructor keywords, each value read as YAML (true,
+    0, [8, 8]); a key the constructor does not take raises ValueError."""
+    import inspect
+
+    import yaml
+
+    from walt_cli.models.transformer import WALT
+
+    allowed = set(inspect.signature(WALT.__init__).parameters) - {"self"}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise ValueError(
+                f"--net {item!r}: expected KEY=VALUE with KEY one of {sorted(allowed)}"
+            )
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _network(recipe, grid, channels: int, net_overrides: dict | None = None):
+    from walt_cli.models.transformer import WALT
     from walt_cli.systems.common import build_network
 
     section = recipe.base
     section.num_classes, section.text_dim = len(DIRECTIONS), None
-    return build_network(section, grid, channels)
+    if not net_overrides:
+        return build_network(section, grid, channels)
+    # The recipe's network with some constructor keywords changed, drawn from the same random
+    # state as the recipe's own would have been.
+    import torch
+
+    with torch.random.fork_rng():
+        config = build_network(section, grid, channels).config
+    return WALT(
+        **{**config, **net_overrides}, bias_init=section.bias_init, pos_init=section.pos_init
+    )
 
 
 def _probe(net, schedule, clips, labels) -> dict[str, float]:
@@ -176,7 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a WALT constructor keyword over the recipe's network, e.g. full_attention=true",
+    )
     args = parser.parse_args(argv)
+    try:
+        net_overrides = parse_net_overrides(args.net)
+    except ValueError as err:
+        parser.error(str(err))
 
     import torch
 
@@ -194,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--speed {args.speed}: a {grid[0]}-frame path leaves the {args.grid} grid")
     recipe = load_recipe(args.recipe, [*args.overrides, f"base.max_steps={args.steps}"])
     b = recipe.base
-    net = _network(recipe, grid, args.channels)
+    net = _network(recipe, grid, args.channels, net_overrides)
     schedule = make_schedule()
     # The training system's own optimiser and learning-rate schedule for this section (the
     # latents are already normalised: mean 0, std 1).
@@ -213,9 +260,11 @@ def main(argv: list[str] | None = None) -> None:
         EVAL_CLIPS, grid, args.channels, torch.Generator().manual_seed(123), **draw
     )
     background = parts[0][:, :, None, None, None].expand_as(clips)  # each clip's bg vector
+    nets = [f"--net {item}" for item in args.net]
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads; recipe {args.recipe} {' '.join(args.overrides)}; "
+        f"{args.threads} threads; recipe {' '.join([args.recipe, *args.overrides, *nets])}; "
+        f"{net.num_parameters} parameters; "
         f"grid {grid}, speed {args.speed}, sigma {args.sigma}, batch {b.batch_size}"
     )
     print(

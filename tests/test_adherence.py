@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from walt_cli.metrics.adherence import (
     score_batch,
     swap_attribute,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -478,3 +481,28 @@ def test_synthetic_direction_probe_trains_a_recipe_network(monkeypatch, capsys):
     rows = [line for line in out if line.startswith("| ") and line[2].isdigit()]
     assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 2"]
     assert len(rows[0].split(" | ")) == 9
+
+
+def test_synthetic_direction_probe_net_overrides_change_only_the_named_keywords(monkeypatch):
+    """`--net KEY=VALUE` rebuilds the recipe's network with those constructor keywords (values
+    read as YAML) and everything else as the recipe has it; a keyword WALT does not take stops
+    the script with a usage error."""
+    from walt_cli.config import load_recipe
+
+    synth = _load_bench(monkeypatch, "probe_direction_synthetic")
+    overrides = synth.parse_net_overrides(
+        ["full_attention=true", "relative_position_bias=false", "adaln_lora_rank=0"]
+    )
+    assert overrides == dict(full_attention=True, relative_position_bias=False, adaln_lora_rank=0)
+    small = ["base.depth=2", "base.width=32", "base.heads=2"]
+    recipe = load_recipe(REPO / "recipes" / "shapes.yaml", small)
+    plain = synth._network(recipe, (5, 8, 8), 8)
+    net = synth._network(recipe, (5, 8, 8), 8, overrides)
+    changed = {k for k in net.config if net.config[k] != plain.config[k]}
+    assert changed == {"full_attention", "relative_position_bias", "adaln_lora_rank"}
+    assert all(block.attn.bias is None and block.adaln_rank == 0 for block in net.blocks)
+    assert plain.blocks[1].attn.bias is not None
+
+    with pytest.raises(SystemExit) as exit_info:
+        synth.main(["--steps", "1", "--net", "no_such_key=1"])
+    assert exit_info.value.code == 2
