@@ -151,9 +151,11 @@ def _network(recipe, grid, channels: int, net_overrides: dict | None = None):
 
     with torch.random.fork_rng():
         config = build_network(section, grid, channels).config
-    return WALT(
+    net = WALT(
         **{**config, **net_overrides}, bias_init=section.bias_init, pos_init=section.pos_init
     )
+    net.gradient_checkpointing = section.gradient_checkpointing
+    return net
 
 
 def _probe(net, schedule, clips, labels) -> dict[str, float]:

@@ -502,6 +502,13 @@ def test_synthetic_direction_probe_net_overrides_change_only_the_named_keywords(
     assert changed == {"full_attention", "relative_position_bias", "adaln_lora_rank"}
     assert all(block.attn.bias is None and block.adaln_rank == 0 for block in net.blocks)
     assert plain.blocks[1].attn.bias is not None
+    # An override that changes nothing starts the very network the recipe's would be.
+    torch.manual_seed(3)
+    same = synth._network(recipe, (5, 8, 8), 8, {"qk_norm": True}).state_dict()
+    torch.manual_seed(3)
+    want = synth._network(recipe, (5, 8, 8), 8).state_dict()
+    assert same.keys() == want.keys()
+    assert all(torch.equal(same[k], want[k]) for k in want)
 
     with pytest.raises(SystemExit) as exit_info:
         synth.main(["--steps", "1", "--net", "no_such_key=1"])
