@@ -151,9 +151,8 @@ def _network(recipe, grid, channels: int, net_overrides: dict | None = None):
 
     with torch.random.fork_rng():
         config = build_network(section, grid, channels).config
-    net = WALT(
-        **{**config, **net_overrides}, bias_init=section.bias_init, pos_init=section.pos_init
-    )
+    inits = dict(bias_init=section.bias_init, pos_init=section.pos_init)
+    net = WALT(**{**inits, **config, **net_overrides})
     net.gradient_checkpointing = section.gradient_checkpointing
     return net
 

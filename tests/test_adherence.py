@@ -502,6 +502,11 @@ def test_synthetic_direction_probe_net_overrides_change_only_the_named_keywords(
     assert changed == {"full_attention", "relative_position_bias", "adaln_lora_rank"}
     assert all(block.attn.bias is None and block.adaln_rank == 0 for block in net.blocks)
     assert plain.blocks[1].attn.bias is not None
+    # The inits, which are not part of the config, can be named too (the recipe's locality
+    # prior puts -2 x distance in the first head's table; Swin's start is N(0, 0.02)).
+    swin = synth._network(recipe, (5, 8, 8), 8, {"bias_init": "random"})
+    assert swin.blocks[1].attn.bias.table.abs().max() < 0.1
+    assert plain.blocks[1].attn.bias.table.abs().max() > 1
     # An override that changes nothing starts the very network the recipe's would be.
     torch.manual_seed(3)
     same = synth._network(recipe, (5, 8, 8), 8, {"qk_norm": True}).state_dict()
